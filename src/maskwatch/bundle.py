@@ -1,0 +1,75 @@
+"""A trained model travels as a bundle: model.keras + metadata.json (classes, input size, preprocessing).
+
+Inference code reads bundles through this module only; it imports no training code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from maskwatch import __version__
+from maskwatch.config import CLASS_NAMES
+from maskwatch.preprocessing import CropSpec
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+
+
+@dataclass
+class ModelMetadata:
+    class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
+    input_size: int = 224
+    crop: dict = field(default_factory=lambda: CropSpec().to_dict())
+    preprocessing: str = "RGB uint8 face crop (maskwatch.preprocessing.extract_face); scaling to [-1,1] inside the model"
+    thresholds: dict = field(default_factory=lambda: {"detector_score": 0.5})
+    training_config: dict = field(default_factory=dict)
+    data_hash: str = ""
+    metrics: dict = field(default_factory=dict)
+    run_id: str | None = None
+    model_version: str | None = None
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    maskwatch_version: str = __version__
+
+    @property
+    def crop_spec(self) -> CropSpec:
+        return CropSpec.from_dict(self.crop)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelMetadata":
+        known = {key: values[key] for key in cls.__dataclass_fields__ if key in values}
+        return cls(**known)
+
+
+def bundle_paths(path: str | Path) -> tuple[Path, Path]:
+    """(model.keras, metadata.json) for a bundle folder or a .keras file with a metadata sidecar."""
+    path = Path(path)
+    if path.is_dir():
+        return path / MODEL_FILE, path / METADATA_FILE
+    return path, path.with_name(METADATA_FILE)
+
+
+def save_bundle(model, bundle_dir: Path, metadata: ModelMetadata) -> Path:
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    model.save(bundle_dir / MODEL_FILE)
+    write_metadata(bundle_dir, metadata)
+    return bundle_dir
+
+
+def write_metadata(bundle_dir: Path, metadata: ModelMetadata) -> None:
+    (Path(bundle_dir) / METADATA_FILE).write_text(metadata.to_json())
+
+
+def read_metadata(path: str | Path) -> ModelMetadata:
+    model_file, metadata_file = bundle_paths(path)
+    if not model_file.is_file():
+        raise FileNotFoundError(f"no model at {model_file}")
+    if not metadata_file.is_file():
+        raise FileNotFoundError(f"model {model_file} has no {METADATA_FILE} beside it")
+    return ModelMetadata.from_dict(json.loads(metadata_file.read_text()))

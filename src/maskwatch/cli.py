@@ -1,0 +1,195 @@
+"""The `maskwatch` command line. Every command has --help; results go to stdout, progress to stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from maskwatch.config import PRESETS, Settings, load_settings, parse_dotted_overrides
+
+app = typer.Typer(help="maskwatch: face-mask detection you can train, track, serve and run in real time.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Prepare and inspect the data set.", no_args_is_help=True)
+models_app = typer.Typer(help="The MLflow model registry: list versions, promote one.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with config overrides.")]
+PresetOpt = Annotated[str, typer.Option(help=f"Recipe preset: {', '.join(PRESETS)} (quick = minutes, not an hour).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override one setting: section.key=value.")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(help="Data set folder (VOC or folder per class).")]
+TrackingOpt = Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite mlflow.db here).")]
+WorkDirOpt = Annotated[Optional[Path], typer.Option(help="Where crops, models and reports go (default ./artifacts).")]
+
+err = typer.echo
+
+
+def _quiet_backends() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("tensorflow", "absl", "mlflow", "alembic", "urllib3", "matplotlib", "PIL", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(config: Path | None, preset: str, overrides: list[str] | None, data_dir: Path | None = None,
+              tracking_uri: str | None = None, work_dir: Path | None = None) -> Settings:
+    nested = parse_dotted_overrides(overrides or [])
+    if data_dir:
+        nested.setdefault("data", {})["source_dir"] = str(data_dir)
+    if tracking_uri:
+        nested.setdefault("tracking", {})["tracking_uri"] = tracking_uri
+    if work_dir:
+        nested.setdefault("paths", {})["work_dir"] = str(work_dir)
+    try:
+        return load_settings(config, preset, nested)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from error
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def _known_errors():
+    from maskwatch.data import DataError
+    from maskwatch.tracking import TrackingUnavailableError
+
+    return (DataError, TrackingUnavailableError, FileNotFoundError)
+
+
+@app.callback()
+def main() -> None:
+    """maskwatch: face-mask detection you can train, track, serve and run in real time."""
+    _quiet_backends()
+
+
+@data_app.command("prepare")
+def data_prepare(config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = None,
+                 data_dir: DataDirOpt = None, work_dir: WorkDirOpt = None) -> None:
+    """Parse, validate, crop and split the data set; write the data report (counts, sizes, sample grid)."""
+    from maskwatch.data import class_counts_table, prepare_data
+
+    settings = _settings(config, preset, set_, data_dir, work_dir=work_dir)
+    try:
+        prepared, scan = prepare_data(settings)
+    except _known_errors() as error:
+        _fail(str(error))
+    typer.echo(class_counts_table(prepared.train_df, prepared.val_df, prepared.test_df).to_string())
+    typer.echo(f"issues: {scan.issue_counts() or 'none'}")
+    typer.echo(f"data hash: {prepared.data_hash}")
+    typer.echo(f"crops: {prepared.output_dir}")
+    typer.echo(f"report: {settings.work_dir / 'reports' / 'data'}")
+
+
+@app.command()
+def train(config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = None, data_dir: DataDirOpt = None,
+          tracking_uri: TrackingOpt = None, work_dir: WorkDirOpt = None,
+          single_phase: Annotated[bool, typer.Option(help="One phase of 30 epochs instead of two.")] = False,
+          run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None) -> None:
+    """The main job: prepare data, train (two phases), evaluate, log to MLflow, register, promote if better."""
+    from maskwatch.pipeline import run_job, summary_text
+
+    settings = _settings(config, preset, set_, data_dir, tracking_uri, work_dir)
+    if single_phase:
+        settings.train.two_phase = False
+    try:
+        result = run_job(settings, run_name)
+    except _known_errors() as error:
+        _fail(str(error))
+    typer.echo(summary_text(result, settings))
+
+
+@app.command()
+def evaluate(model: Annotated[Optional[str], typer.Option(
+                 help="Model: bundle folder, .keras file or models:/name@alias (default: the champion).")] = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON on stdout.")] = False,
+             config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = None, data_dir: DataDirOpt = None,
+             tracking_uri: TrackingOpt = None, work_dir: WorkDirOpt = None) -> None:
+    """Evaluate a model on the test split: accuracy, per-class metrics, macro-F1, recall intervals."""
+    import keras
+
+    from maskwatch import tracking
+    from maskwatch.bundle import bundle_paths
+    from maskwatch.data import prepare_data
+    from maskwatch.evaluate import evaluate_model, format_summary
+
+    settings = _settings(config, preset, set_, data_dir, tracking_uri, work_dir)
+    uri = model or f"models:/{settings.tracking.registered_model_name}@{settings.tracking.champion_alias}"
+    try:
+        bundle = tracking.resolve_model_uri(uri, settings)
+        model_file, _ = bundle_paths(bundle)
+        if not model_file.is_file():
+            raise FileNotFoundError(f"no model at {model_file}")
+        prepared, _ = prepare_data(settings)
+    except _known_errors() as error:
+        _fail(str(error))
+    except Exception as error:  # MLflow raises its own types for unknown aliases and versions
+        _fail(f"cannot load model {uri}: {error}")
+    result, _ = evaluate_model(keras.models.load_model(model_file), prepared.test_df,
+                               bootstrap_samples=settings.evaluate.bootstrap_samples,
+                               confidence_level=settings.evaluate.confidence_level)
+    if as_json:
+        sys.stdout.write(json.dumps({"model": uri, "data_hash": prepared.data_hash, **result.to_dict()}, indent=2)
+                         + "\n")
+    else:
+        typer.echo(format_summary(result))
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = None, tracking_uri: TrackingOpt = None,
+                as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List registered versions with their aliases and test metrics."""
+    from maskwatch import tracking
+
+    settings = _settings(config, "full", None, tracking_uri=tracking_uri)
+    try:
+        rows = tracking.list_versions(settings)
+    except _known_errors() as error:
+        _fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no versions of '{settings.tracking.registered_model_name}' yet: run `maskwatch train`")
+        return
+    typer.echo(f"{'version':>8}  {'aliases':<12}{'test_macro_f1':>14}{'test_accuracy':>14}  run_id")
+    for row in rows:
+        f1 = f"{row['test_macro_f1']:.4f}" if row["test_macro_f1"] is not None else "-"
+        acc = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else "-"
+        typer.echo(f"{row['version']:>8}  {','.join(row['aliases']) or '-':<12}{f1:>14}{acc:>14}  {row['run_id']}")
+
+
+@models_app.command("promote")
+def models_promote(version: Annotated[str, typer.Argument(help="Registered version to give the champion alias.")],
+                   config: ConfigOpt = None, tracking_uri: TrackingOpt = None) -> None:
+    """Give VERSION the champion alias by hand."""
+    from maskwatch import tracking
+
+    settings = _settings(config, "full", None, tracking_uri=tracking_uri)
+    try:
+        tracking.configure(settings)
+    except _known_errors() as error:
+        _fail(str(error))
+    if not tracking.version_exists(settings, version):
+        _fail(f"'{settings.tracking.registered_model_name}' has no version {version}")
+    tracking.promote(settings, version)
+    typer.echo(f"{settings.tracking.registered_model_name} version {version} is now @{settings.tracking.champion_alias}")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = None) -> None:
+    """Print the effective configuration as YAML (defaults < preset < file < environment < --set)."""
+    typer.echo(_settings(config, preset, set_).to_yaml())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,231 @@
+"""Typed configuration: defaults equal the recipe, overridable by YAML, env and CLI.
+
+Precedence (lowest to highest): defaults < preset < YAML file < environment < CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+CLASS_NAMES: tuple[str, ...] = ("with_mask", "without_mask", "mask_weared_incorrect")
+
+# Environment variables that point at local data, weights and detector (air-gapped use).
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "MASKWATCH_DATA_DIR": ("data", "source_dir"),
+    "MASKWATCH_WORK_DIR": ("paths", "work_dir"),
+    "MASKWATCH_TRACKING_URI": ("tracking", "tracking_uri"),
+    "MLFLOW_TRACKING_URI": ("tracking", "tracking_uri"),
+    "MASKWATCH_YUNET_PATH": ("detector", "model_path"),
+    "MASKWATCH_MODEL": ("serve", "model_uri"),
+    "MASKWATCH_API_KEY": ("serve", "api_key"),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    work_dir: Path = Field(Path("artifacts"), description="Where crops, models, reports and caches go.")
+
+
+class DataConfig(_Section):
+    source_dir: Path | None = Field(
+        None, description="VOC folder (images/ + annotations/) or folder-per-class; None = download from Kaggle."
+    )
+    kaggle_dataset: str = "andrewmvd/face-mask-detection"
+    crop_margin: float = Field(0.15, ge=0.0, le=1.0, description="Box growth on each side, as a fraction of box size.")
+    square_crops: bool = Field(True, description="Grow the box to a square so faces are not distorted by resizing.")
+    image_size: int = Field(224, description="Model input side; MobileNetV2 ImageNet weights exist for 224.")
+    resize_interpolation: Literal["area", "linear", "cubic", "lanczos"] = "cubic"
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    split_seed: int = 42
+    max_photos: int | None = Field(None, ge=3, description="Use a seeded subset of photos (quick runs and tests).")
+
+
+class AugmentConfig(_Section):
+    enabled: bool = True
+    horizontal_flip: bool = True
+    rotation: float = Field(0.05, ge=0.0, le=0.5, description="Fraction of a full turn.")
+    zoom: float = Field(0.1, ge=0.0, le=0.5)
+    translation: float = Field(0.1, ge=0.0, le=0.5)
+    brightness: float = Field(0.15, ge=0.0, le=1.0)
+    contrast: float = Field(0.15, ge=0.0, le=1.0)
+
+
+class TrainConfig(_Section):
+    two_phase: bool = True
+    phase1_epochs: int = Field(20, ge=0)
+    phase1_learning_rate: float = 1e-3
+    phase2_epochs: int = Field(10, ge=0)
+    phase2_learning_rate: float = 1e-5
+    fine_tune_last_layers: int = Field(30, ge=1, description="Base layers unfrozen in phase 2.")
+    phase2_batchnorm: Literal["frozen", "train"] = Field(
+        "frozen", description="frozen: unfrozen block's BatchNormalization stays in inference mode."
+    )
+    single_phase_epochs: int = Field(30, ge=1)
+    single_phase_learning_rate: float = 1e-3
+    batch_size: int = Field(32, ge=1)
+    dense_units: int = 512
+    dropout: float = 0.5
+    imbalance: Literal["none", "class_weight", "oversample"] = "class_weight"
+    class_weight_power: float = Field(
+        0.5, ge=0.0, le=1.0, description="Class weight = (n_max / n_class) ** power; 1 = fully balanced."
+    )
+    monitor: str = Field("val_macro_f1", description="Metric for checkpoint, early stopping and LR reduction.")
+    early_stopping_patience: int | None = Field(6, ge=1)
+    reduce_lr_patience: int | None = Field(3, ge=1)
+    seed: int = 42
+    cache_in_memory: bool = True
+
+
+class EvalConfig(_Section):
+    bootstrap_samples: int = Field(2000, ge=100)
+    confidence_level: float = Field(0.95, gt=0.5, lt=1.0)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="None = SQLite store mlflow.db in the project folder.")
+    experiment_name: str = "maskwatch"
+    registered_model_name: str = "maskwatch"
+    champion_alias: str = "champion"
+    promotion_metric: str = "macro_f1"
+    min_improvement: float = Field(0.0, ge=0.0, description="Challenger must beat champion by more than this.")
+    register_model: bool = True
+
+
+class DetectorConfig(_Section):
+    backend: str = Field("yunet", description="Name of a registered face detector.")
+    model_path: Path | None = Field(None, description="YuNet .onnx; None = download once to the cache (pinned, sha256).")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    nms_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    min_face_size: int = Field(8, ge=1, description="Faces smaller than this (px, shorter side) are ignored.")
+    small_face_mode: Literal["off", "upscale", "tile"] = "off"
+    upscale_factor: float = Field(2.0, ge=1.0, le=4.0)
+    max_side: int = Field(1280, ge=64, description="Photos are shrunk to this side before detection.")
+
+
+class ServeConfig(_Section):
+    model_uri: str | None = Field(None, description=".keras path, bundle dir or models:/name@alias")
+    runtime: Literal["keras", "litert", "onnx"] = "keras"
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+
+
+class Settings(_Section):
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    detector: DetectorConfig = DetectorConfig()
+    serve: ServeConfig = ServeConfig()
+
+    # Derived locations: one place decides where things live.
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.paths.work_dir).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        return flatten(json.loads(self.model_dump_json()))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {},
+    # A first result in a few minutes on 2 CPU cores: a seeded subset of photos, few epochs.
+    "quick": {
+        "data": {"max_photos": 200},
+        "train": {"phase1_epochs": 3, "phase2_epochs": 1, "single_phase_epochs": 4,
+                  "early_stopping_patience": None, "reduce_lr_patience": None},
+        "evaluate": {"bootstrap_samples": 500},
+    },
+}
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_dotted_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ["train.phase1_epochs=2", ...] into a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is not of the form section.key=value")
+        dotted, raw = pair.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = nested
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return nested
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if environ.get(var):
+            nested.setdefault(section, {})[key] = environ[var]
+    return nested
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    preset: str = "full",
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    environ = dict(os.environ) if environ is None else environ
+    merged: dict[str, Any] = deep_merge({}, PRESETS[preset])
+    config_file = config_file or environ.get("MASKWATCH_CONFIG")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+        merged = deep_merge(merged, loaded)
+    merged = deep_merge(merged, _env_overrides(environ))
+    merged = deep_merge(merged, overrides or {})
+    return Settings.model_validate(merged)

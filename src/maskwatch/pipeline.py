@@ -1,0 +1,122 @@
+"""The main job: prepare -> train (two phases) -> evaluate -> log -> register -> compare and promote."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from maskwatch import tracking
+from maskwatch.bundle import ModelMetadata, save_bundle, write_metadata
+from maskwatch.config import CLASS_NAMES, Settings
+from maskwatch.data import PreparedData, class_counts_table, prepare_data
+from maskwatch.evaluate import EvaluationResult, evaluate_model, format_summary, plot_confusion_matrix
+from maskwatch.train import TrainingHistory, plot_history, train_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    bundle_dir: Path
+    evaluation: EvaluationResult
+    history: TrainingHistory
+    decision: tracking.PromotionDecision
+    prepared: PreparedData
+    wall_seconds: float
+
+
+def champion_metrics_on(prepared: PreparedData, settings: Settings) -> callable:
+    """Evaluate a registered version on *this* test split, so the comparison is like for like."""
+    import keras
+
+    def metrics_for(version: str) -> dict[str, float]:
+        bundle = tracking.download_model(f"models:/{settings.tracking.registered_model_name}/{version}")
+        model = keras.models.load_model(bundle / "model.keras")
+        result, _ = evaluate_model(model, prepared.test_df, bootstrap_samples=settings.evaluate.bootstrap_samples)
+        return {"macro_f1": result.macro_f1, "accuracy": result.accuracy, **result.flat_metrics(prefix="")}
+
+    return metrics_for
+
+
+def run_job(settings: Settings, run_name: str | None = None) -> JobResult:
+    started = time.perf_counter()
+    tracking.configure(settings)  # fail before any work if the tracking store is unreachable
+    prepared, scan = prepare_data(settings)
+    counts = class_counts_table(prepared.train_df, prepared.val_df, prepared.test_df)
+    log.info("faces per class and split:\n%s", counts.to_string())
+    reports = settings.work_dir / "reports"
+    with tracking.training_run(settings, run_name, tags={"data_hash": prepared.data_hash}) as run_id:
+        tracking.log_artifact(reports / "data", "data_report")
+        tracking.log_metrics({f"faces_{split}_{label}": int(counts.loc[label, split])
+                              for split in ("train", "val", "test") for label in CLASS_NAMES})
+        run_dir = settings.work_dir / "runs" / run_id
+        history, model = train_model(
+            prepared.train_df, prepared.val_df, use_two_phase=settings.train.two_phase, settings=settings,
+            model_path=run_dir / "checkpoint" / "best.keras", extra_callbacks=tracking.epoch_logger_factory())
+        _log_history(history, run_dir)
+        evaluation, _ = evaluate_model(model, prepared.test_df, bootstrap_samples=settings.evaluate.bootstrap_samples,
+                                       confidence_level=settings.evaluate.confidence_level)
+        _log_evaluation(evaluation, run_dir)
+        metadata = ModelMetadata(
+            class_names=list(CLASS_NAMES), input_size=settings.data.image_size, crop=prepared.crop_spec.to_dict(),
+            thresholds={"detector_score": settings.detector.score_threshold},
+            training_config=json.loads(settings.model_dump_json()), data_hash=prepared.data_hash,
+            metrics=evaluation.flat_metrics(), run_id=run_id)
+        bundle_dir = save_bundle(model, run_dir / "model", metadata)
+        (bundle_dir / "config.yaml").write_text(settings.to_yaml())
+        tracking.log_artifact(bundle_dir / "config.yaml")
+        example = np.zeros((1, settings.data.image_size, settings.data.image_size, 3), dtype=np.float32)
+        registered_name = settings.tracking.registered_model_name if settings.tracking.register_model else None
+        version = tracking.log_keras_model(model, example, json.loads(metadata.to_json()), registered_name)
+        challenger = {"macro_f1": evaluation.macro_f1, "accuracy": evaluation.accuracy,
+                      **evaluation.flat_metrics(prefix="")}
+        decision = tracking.decide_promotion(settings, version, challenger, champion_metrics_on(prepared, settings))
+        tracking.log_dict(decision.to_dict(), "promotion.json")
+        tracking.set_tags({"promoted": decision.promoted, "model_version": version})
+        if decision.champion_value is not None:
+            tracking.log_metrics({f"champion_test_{decision.metric}": decision.champion_value})
+        metadata.model_version = version
+        write_metadata(bundle_dir, metadata)
+        wall = time.perf_counter() - started
+        tracking.log_metrics({"wall_seconds": wall})
+    return JobResult(run_id, bundle_dir, evaluation, history, decision, prepared, wall)
+
+
+def _log_history(history: TrainingHistory, run_dir: Path) -> None:
+    frame = history.to_frame()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(run_dir / "history.csv", index=False)
+    plot_history(history, run_dir / "training_curves.png")
+    tracking.log_artifact(run_dir / "history.csv", "training")
+    tracking.log_artifact(run_dir / "training_curves.png", "training")
+    tracking.log_metrics({f"seconds_per_epoch_{phase}": value for phase, value in history.seconds_per_epoch().items()})
+
+
+def _log_evaluation(evaluation: EvaluationResult, run_dir: Path) -> None:
+    plot_confusion_matrix(evaluation, run_dir / "confusion_matrix.png")
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=2))
+    (run_dir / "classification_report.txt").write_text(evaluation.report_text)
+    tracking.log_metrics(evaluation.flat_metrics())
+    for name in ("confusion_matrix.png", "evaluation.json", "classification_report.txt"):
+        tracking.log_artifact(run_dir / name, "evaluation")
+
+
+def summary_text(result: JobResult, settings: Settings) -> str:
+    counts = class_counts_table(result.prepared.train_df, result.prepared.val_df, result.prepared.test_df)
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in result.history.seconds_per_epoch().items())
+    lines = [
+        "", "=== maskwatch: training job finished ===",
+        f"run id: {result.run_id}   wall time: {result.wall_seconds / 60:.1f} min   seconds per epoch: {seconds}",
+        "faces per class and split:", counts.to_string(), "",
+        format_summary(result.evaluation), "",
+        f"model bundle: {result.bundle_dir}",
+        f"registry: version {result.decision.version}, promoted={result.decision.promoted} ({result.decision.reason})",
+        f"MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri}   (then open http://127.0.0.1:5000)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
+COMMANDS = [[], ["data"], ["data", "prepare"], ["train"], ["evaluate"], ["models"], ["models", "list"],
+            ["models", "promote"], ["config"], ["config", "show"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "maskwatch")
+def test_every_command_has_help(command):
+    out = subprocess.run([MASKWATCH, *command, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Usage: maskwatch" in out.stdout
+
+
+def test_config_show_applies_overrides():
+    out = subprocess.run([MASKWATCH, "config", "show", "--preset", "quick", "--set", "train.batch_size=8"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert "batch_size: 8" in out.stdout and "max_photos: 200" in out.stdout
+
+
+def test_bad_override_is_a_clear_error():
+    out = subprocess.run([MASKWATCH, "config", "show", "--set", "train.imbalance=smote"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "imbalance" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    out = subprocess.run([MASKWATCH, "data", "prepare", "--data-dir", str(tmp_path / "nowhere"), "--work-dir",
+                          str(tmp_path / "w")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_no_data_and_no_kaggle_token_says_what_to_do(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KAGGLE_CONFIG_DIR": str(tmp_path / "k")}
+    out = subprocess.run([MASKWATCH, "data", "prepare", "--work-dir", str(tmp_path / "w")], capture_output=True,
+                         text=True, timeout=60, env=env, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "MASKWATCH_DATA_DIR" in out.stderr and "Kaggle token" in out.stderr

@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from maskwatch.config import Settings, load_settings, parse_dotted_overrides
+
+
+def test_defaults_are_the_recipe():
+    s = Settings()
+    assert (s.train.phase1_epochs, s.train.phase1_learning_rate) == (20, 1e-3)
+    assert (s.train.phase2_epochs, s.train.phase2_learning_rate) == (10, 1e-5)
+    assert s.train.fine_tune_last_layers == 30
+    assert s.train.single_phase_epochs == 30
+    assert (s.data.image_size, s.train.dense_units, s.train.dropout) == (224, 512, 0.5)
+
+
+def test_precedence_yaml_env_cli(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  phase1_epochs: 5\n  batch_size: 8\ndata:\n  crop_margin: 0.3\n")
+    s = load_settings(cfg, "quick", {"train": {"batch_size": 4}}, environ={"MASKWATCH_DATA_DIR": "/data/x"})
+    assert s.train.phase1_epochs == 5          # file beats preset
+    assert s.train.phase2_epochs == 1          # preset beats default
+    assert s.train.batch_size == 4             # CLI beats file
+    assert s.data.source_dir == Path("/data/x")  # environment
+    assert s.data.crop_margin == 0.3
+
+
+def test_dotted_overrides_parse_yaml_scalars():
+    assert parse_dotted_overrides(["train.phase1_epochs=3", "data.max_photos=", "train.imbalance=none"]) == {
+        "train": {"phase1_epochs": 3, "imbalance": "none"}, "data": {"max_photos": None}}
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_dotted_overrides(["oops"])
+
+
+def test_unknown_keys_and_bad_values_are_rejected(tmp_path):
+    with pytest.raises(ValidationError):
+        load_settings(None, "full", {"train": {"phase_one_epochs": 3}}, environ={})
+    with pytest.raises(ValidationError):
+        load_settings(None, "full", {"train": {"imbalance": "smote"}}, environ={})
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_settings(None, "fast", environ={})
+    with pytest.raises(FileNotFoundError):
+        load_settings(tmp_path / "missing.yaml", environ={})
+
+
+def test_default_tracking_store_is_sqlite_in_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Settings().tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert Settings().to_flat_dict()["train.phase1_epochs"] == 20

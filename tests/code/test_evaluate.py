@@ -1,0 +1,33 @@
+import numpy as np
+
+from maskwatch.evaluate import bootstrap_recall_interval, evaluate_predictions, format_summary
+
+
+def one_hot(indices, n=3):
+    return np.eye(n)[indices]
+
+
+def test_metrics_match_hand_count():
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 0, 0, 1, 1, 1, 2, 0])
+    result = evaluate_predictions(y_true, one_hot(y_pred), photo_ids=np.arange(8).astype(str),
+                                  bootstrap_samples=500)
+    assert result.accuracy == 6 / 8
+    assert result.confusion_matrix == [[3, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert result.per_class["mask_weared_incorrect"]["recall"] == 0.5
+    assert np.isclose(result.per_class["without_mask"]["precision"], 2 / 3)
+    f1s = [2 * 0.75 * 0.75 / 1.5, 2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * 1 * 0.5 / 1.5]
+    assert np.isclose(result.macro_f1, np.mean(f1s))
+    assert "mask_weared_incorrect" in format_summary(result)
+
+
+def test_bootstrap_interval_brackets_recall_and_resamples_photos():
+    rng = np.random.default_rng(0)
+    y_true = np.full(40, 2)
+    y_pred = np.where(rng.random(40) < 0.6, 2, 0)
+    photos = np.repeat(np.arange(20), 2).astype(str)
+    interval = bootstrap_recall_interval(y_true, y_pred, photos, 2, 2000, 0.95, seed=0)
+    assert interval["low"] < interval["recall"] < interval["high"]
+    assert interval["faces"] == 40 and interval["hits"] == int((y_pred == 2).sum())
+    perfect = bootstrap_recall_interval(y_true, y_true, photos, 2, 500, 0.95, seed=0)
+    assert perfect["low"] == perfect["high"] == 1.0

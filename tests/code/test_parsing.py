@@ -1,0 +1,88 @@
+import shutil
+
+import pytest
+
+from maskwatch.data import DataError, UnknownLabelError, parse_voc_annotation, scan_dataset
+
+VOC = """<annotation><filename>{filename}</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>
+{objects}</annotation>"""
+OBJ = "<object><name>{label}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+
+
+def make_voc(root, data_dir, entries):
+    """entries: {stem: (xml text or None, copy_image: bool)} using a real photo as the image."""
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    for stem, (xml, copy_image) in entries.items():
+        if xml is not None:
+            (root / "annotations" / f"{stem}.xml").write_text(xml)
+        if copy_image:
+            shutil.copy(data_dir / "images" / "maksssksksss0.jpg", root / "images" / f"{stem}.jpg")
+    return root
+
+
+def voc(stem, objects, w=512, h=366):
+    return VOC.format(filename=f"{stem}.jpg", w=w, h=h,
+                      objects="".join(OBJ.format(label=label, b=box) for label, box in objects))
+
+
+def test_parse_real_annotation(data_dir):
+    filename, size, objects = parse_voc_annotation(data_dir / "annotations" / "maksssksksss0.xml")
+    assert filename == "maksssksksss0.jpg" and size == (512, 366)
+    assert objects[0] == ("without_mask", (79.0, 105.0, 109.0, 142.0))
+    assert [label for label, _ in objects] == ["without_mask", "with_mask", "without_mask"]
+
+
+def test_bad_entries_are_reported_not_dropped_silently(tmp_path, data_dir):
+    root = make_voc(tmp_path / "voc", data_dir, {
+        "good": (voc("good", [("with_mask", (10, 10, 50, 50))]), True),
+        "broken": ("<annotation><filename>broken.jpg</filen", True),
+        "nobox": ("<annotation><object><name>with_mask</name></object></annotation>", True),
+        "noimage": (voc("noimage", [("with_mask", (10, 10, 50, 50))]), False),
+        "degenerate": (voc("degenerate", [("with_mask", (50, 10, 50, 40)), ("without_mask", (1, 1, 30, 30))]), True),
+        "outside": (voc("outside", [("with_mask", (600, 10, 700, 50))]), True),
+        "clipped": (voc("clipped", [("without_mask", (490, 300, 520, 370))]), True),
+    })
+    scan = scan_dataset(root)
+    assert scan.issue_counts() == {"malformed_xml": 2, "missing_image": 1, "degenerate_box": 1,
+                                   "box_outside": 1, "box_clipped": 1}
+    files = {issue.kind: issue.file for issue in scan.issues}
+    assert files["missing_image"] == "noimage.xml" and files["box_outside"] == "outside.xml"
+    assert sorted(scan.faces["photo_id"]) == ["clipped", "degenerate", "good"]
+    clipped = scan.faces[scan.faces.photo_id == "clipped"].iloc[0]
+    assert (clipped.xmax, clipped.ymax) == (512.0, 366.0)
+
+
+def test_unknown_label_is_an_error_naming_file_and_label(tmp_path, data_dir):
+    root = make_voc(tmp_path / "voc", data_dir, {"x": (voc("x", [("mask_on_chin", (1, 1, 20, 20))]), True)})
+    with pytest.raises(UnknownLabelError, match=r"x\.xml: unknown label 'mask_on_chin'"):
+        scan_dataset(root)
+
+
+def test_non_numeric_box_is_malformed(tmp_path):
+    xml = tmp_path / "a.xml"
+    xml.write_text(voc("a", [("with_mask", ("ten", 1, 20, 20))]))
+    with pytest.raises(DataError, match="non-numeric box"):
+        parse_voc_annotation(xml)
+
+
+def test_unknown_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "random").mkdir()
+    with pytest.raises(DataError, match="neither a VOC data set"):
+        scan_dataset(tmp_path)
+
+
+def test_folder_per_class_layout(tmp_path, data_dir):
+    for label in ("with_mask", "without_mask"):
+        (tmp_path / label).mkdir()
+        shutil.copy(data_dir / "images" / "maksssksksss1.jpg", tmp_path / label / "a.jpg")
+    (tmp_path / "without_mask" / "bad.png").write_bytes(b"nope")
+    scan = scan_dataset(tmp_path)
+    assert scan.layout == "folders"
+    assert sorted(scan.faces["label"]) == ["with_mask", "without_mask"]
+    assert scan.issue_counts() == {"unreadable_image": 1}
+    row = scan.faces.iloc[0]
+    assert (row.xmin, row.ymin) == (0.0, 0.0) and row.xmax == row.photo_width
+    (tmp_path / "chin_mask").mkdir()
+    with pytest.raises(UnknownLabelError, match="chin_mask"):
+        scan_dataset(tmp_path)

@@ -1,0 +1,67 @@
+import cv2
+import numpy as np
+import pytest
+
+from maskwatch.preprocessing import (CropSpec, ImageDecodeError, PixelLimitError, crop_box, decode_image,
+                                     extract_face, read_image)
+
+
+def test_crop_box_adds_margin_and_squares():
+    # 20x40 box centred at (50, 50): margin 0.25 -> half sizes 15 x 30 -> square 30.
+    assert crop_box((40, 30, 60, 70), 200, 200, margin=0.25, square=True) == (20, 20, 80, 80)
+    assert crop_box((40, 30, 60, 70), 200, 200, margin=0.0, square=False) == (40, 30, 60, 70)
+
+
+def test_crop_box_clips_to_the_photo():
+    assert crop_box((0, 0, 10, 10), 50, 40, margin=0.5, square=True) == (0, 0, 15, 15)
+    assert crop_box((45, 35, 50, 40), 50, 40, margin=1.0, square=True) == (40, 30, 50, 40)
+
+
+def test_crop_box_never_empty_on_the_edge():
+    x0, y0, x1, y1 = crop_box((50, 40, 50, 40), 50, 40, margin=0.0, square=True)
+    assert x1 > x0 and y1 > y0
+
+
+def test_extract_face_shape_dtype_and_content():
+    image = np.zeros((100, 100, 3), np.uint8)
+    image[40:60, 40:60] = (255, 0, 0)
+    face = extract_face(image, (40, 40, 60, 60), CropSpec(margin=0.0, size=32))
+    assert face.shape == (32, 32, 3) and face.dtype == np.uint8
+    assert (face[..., 0] > 250).all() and (face[..., 1] < 5).all()
+
+
+def test_decode_png_rgba_and_jpeg_give_rgb():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 2] = 255  # red in OpenCV's BGRA
+    rgba[..., 3] = 128
+    ok, png = cv2.imencode(".png", rgba)
+    rgb = decode_image(png.tobytes())
+    assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == 255).all()
+
+
+@pytest.mark.parametrize("payload", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])
+def test_decode_rejects_non_images(payload):
+    with pytest.raises(ImageDecodeError):
+        decode_image(payload)
+
+
+def test_decode_rejects_truncated_jpeg(data_dir):
+    data = (data_dir / "images" / "maksssksksss0.jpg").read_bytes()
+    with pytest.raises(ImageDecodeError):
+        decode_image(data[:200])
+
+
+def test_pixel_limit_refuses_before_decoding():
+    ok, png = cv2.imencode(".png", np.zeros((300, 300, 3), np.uint8))
+    with pytest.raises(PixelLimitError, match="90000 pixels"):
+        decode_image(png.tobytes(), max_pixels=10_000)
+    assert decode_image(png.tobytes(), max_pixels=90_000).shape == (300, 300, 3)
+
+
+def test_read_image_names_the_file(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        read_image(bad)
+    with pytest.raises(ImageDecodeError, match="cannot read"):
+        read_image(tmp_path / "absent.jpg")

@@ -1,0 +1,116 @@
+"""End-to-end: two-phase training on a few dozen real crops leaves a real MLflow run and registry version."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from maskwatch.pipeline import run_job
+from maskwatch.tracking import TrackingUnavailableError
+from maskwatch.train import train_model
+
+TINY = {"phase1_epochs": 1, "phase2_epochs": 1, "batch_size": 16, "early_stopping_patience": None,
+        "reduce_lr_patience": None}
+
+
+def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory):
+    settings = settings_factory(train=TINY)
+    result = run_job(settings, run_name="smoke")
+    assert result.history.phases == ["phase1", "phase2"]
+    client = MlflowClient(settings.tracking_uri)
+    run = client.get_run(result.run_id)
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["train.phase1_learning_rate"] == "0.001" and params["train.phase2_learning_rate"] == "1e-05"
+    assert params["train.fine_tune_last_layers"] == "30"
+    assert tags["data_hash"] == result.prepared.data_hash and tags["git_commit"]
+    for name in ("phase1_loss", "phase1_val_macro_f1", "phase2_loss", "phase2_val_accuracy"):
+        assert len(client.get_metric_history(result.run_id, name)) == 1, name
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [1, 2]
+    assert 0.0 <= metrics["test_macro_f1"] <= 1.0 and "test_mask_weared_incorrect_recall_ci_high" in metrics
+    artifacts = {a.path for path in ("", "training", "evaluation", "model", "data_report")
+                 for a in client.list_artifacts(result.run_id, path)}
+    for expected in ("training/training_curves.png", "training/history.csv", "evaluation/confusion_matrix.png",
+                     "evaluation/classification_report.txt", "model/MLmodel", "data_report/sample_crops.png",
+                     "data_report/face_sizes.png", "config.yaml", "promotion.json"):
+        assert expected in artifacts, expected
+    model_info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
+    assert model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 224, 224, 3)
+    assert model_info.metadata["class_names"] == ["with_mask", "without_mask", "mask_weared_incorrect"]
+    version = client.get_model_version_by_alias("maskwatch", "champion")
+    assert str(version.version) == "1" and version.run_id == result.run_id
+    bundle_meta = json.loads((result.bundle_dir / "metadata.json").read_text())
+    assert bundle_meta["model_version"] == "1" and bundle_meta["crop"]["size"] == 224
+
+    # A second model is compared with the champion on the same test split before any promotion.
+    second = run_job(settings, run_name="challenger")
+    decision = second.decision
+    assert decision.version == "2" and decision.champion_version == "1"
+    assert decision.champion_value == pytest.approx(result.evaluation.macro_f1, abs=1e-6)
+    champion = str(client.get_model_version_by_alias("maskwatch", "champion").version)
+    assert champion == ("2" if decision.challenger_value > decision.champion_value else "1")
+    assert "champion_test_macro_f1" in client.get_run(second.run_id).data.metrics
+    assert client.get_model_version("maskwatch", "2").tags["promotion"] == decision.reason
+
+
+def test_single_phase_training_returns_history_and_model(small_prepared, settings_factory, tmp_path):
+    settings = settings_factory(train={"batch_size": 16, "early_stopping_patience": None})
+    history, model = train_model(small_prepared.train_df, small_prepared.val_df, use_two_phase=False, epochs=2,
+                                 settings=settings, model_path=tmp_path / "single.keras")
+    assert history.phases == ["single", "single"] and len(history.history["loss"]) == 2
+    assert (tmp_path / "single.keras").is_file() and model.output_shape == (None, 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_work(settings_factory):
+    port = _free_port()
+    settings = settings_factory(tracking={"tracking_uri": f"http://127.0.0.1:{port}"})
+    started = time.perf_counter()
+    with pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port} is not reachable"):
+        run_job(settings)
+    assert time.perf_counter() - started < 10
+    assert not (settings.work_dir / "crops").exists()  # failed before preparing or training anything
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_job_against_a_real_mlflow_server(settings_factory, mlflow_server):
+    settings = settings_factory(train=TINY, tracking={"tracking_uri": mlflow_server})
+    result = run_job(settings, run_name="server")
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(result.run_id).data.metrics["test_accuracy"] == result.evaluation.accuracy
+    assert client.get_model_version_by_alias("maskwatch", "champion").run_id == result.run_id
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(result.run_id, "model")}
