@@ -80,3 +80,95 @@ def small_prepared(tmp_path_factory):
         "paths": {"work_dir": str(work)}, "data": {"source_dir": str(DATA_DIR), "max_photos": 24}}, environ={})
     prepared, _ = prepare_data(settings)
     return prepared
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(small_prepared, tmp_path_factory):
+    """A real (briefly trained) model bundle for inference tests: model.keras + metadata.json."""
+    from maskwatch.bundle import ModelMetadata, save_bundle
+    from maskwatch.config import load_settings
+    from maskwatch.train import train_model
+
+    work = tmp_path_factory.mktemp("bundle")
+    settings = load_settings(None, "full", {"paths": {"work_dir": str(work)}, "train": {
+        "phase1_epochs": 2, "phase2_epochs": 0, "batch_size": 16, "early_stopping_patience": None,
+        "reduce_lr_patience": None}}, environ={})
+    _, model = train_model(small_prepared.train_df, small_prepared.val_df, settings=settings,
+                           model_path=work / "ckpt" / "best.keras")
+    metadata = ModelMetadata(crop=small_prepared.crop_spec.to_dict(), data_hash=small_prepared.data_hash,
+                             model_version="test", metrics={"test_macro_f1": 0.5})
+    return save_bundle(model, work / "bundle", metadata)
+
+
+@pytest.fixture(scope="session")
+def serve_settings(tiny_bundle, tmp_path_factory):
+    from maskwatch.config import load_settings
+
+    return load_settings(None, "full", {
+        "paths": {"work_dir": str(tmp_path_factory.mktemp("serve"))},
+        "detector": {"model_path": str(YUNET_PATH)},
+        "serve": {"model_uri": str(tiny_bundle), "max_upload_bytes": 2_000_000, "max_pixels": 8_000_000},
+    }, environ={})
+
+
+@pytest.fixture(scope="session")
+def mask_detector(serve_settings):
+    from maskwatch.detect import MaskDetector
+
+    return MaskDetector.from_settings(serve_settings)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gunicorn_server(tiny_bundle, tmp_path_factory):
+    """`maskwatch serve` (gunicorn, 2 workers) on a free localhost port."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("gunicorn") / "server.log"
+    env = {**os.environ, "MASKWATCH_YUNET_PATH": str(YUNET_PATH)}
+    with open(log, "w") as handle:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "maskwatch"), "serve", "--model", str(tiny_bundle),
+                                 "--port", str(port), "--workers", "2"], stdout=handle, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline, ready_answers = time.time() + 180, 0
+    while time.time() < deadline and ready_answers < 6:  # both workers have loaded the model
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=5) as response:
+                ready_answers += response.status == 200
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            break
+    if ready_answers < 6:
+        proc.kill()
+        pytest.fail(f"gunicorn did not become ready:\n{log.read_text()[-3000:]}")
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()

@@ -112,6 +112,9 @@ def train(config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = N
 def evaluate(model: Annotated[Optional[str], typer.Option(
                  help="Model: bundle folder, .keras file or models:/name@alias (default: the champion).")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON on stdout.")] = False,
+             detection: Annotated[bool, typer.Option(
+                 "--detection", help="Face detector + classifier on the test photos: AP@0.5, mAP, recall by size.")]
+             = False,
              config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = None, data_dir: DataDirOpt = None,
              tracking_uri: TrackingOpt = None, work_dir: WorkDirOpt = None) -> None:
     """Evaluate a model on the test split: accuracy, per-class metrics, macro-F1, recall intervals."""
@@ -134,6 +137,9 @@ def evaluate(model: Annotated[Optional[str], typer.Option(
         _fail(str(error))
     except Exception as error:  # MLflow raises its own types for unknown aliases and versions
         _fail(f"cannot load model {uri}: {error}")
+    if detection:
+        _evaluate_detection(settings, bundle, uri, prepared, as_json)
+        return
     result, _ = evaluate_model(keras.models.load_model(model_file), prepared.test_df,
                                bootstrap_samples=settings.evaluate.bootstrap_samples,
                                confidence_level=settings.evaluate.confidence_level)
@@ -142,6 +148,108 @@ def evaluate(model: Annotated[Optional[str], typer.Option(
                          + "\n")
     else:
         typer.echo(format_summary(result))
+
+
+def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, as_json: bool) -> None:
+    from maskwatch import tracking
+    from maskwatch.detect import DetectorModelError, MaskDetector, Predictor, create_face_detector
+    from maskwatch.evaluate import evaluate_detection, format_detection_summary
+
+    try:
+        mask_detector = MaskDetector(Predictor.from_path(bundle, settings.serve.runtime),
+                                     create_face_detector(settings.detector))
+    except DetectorModelError as error:
+        _fail(str(error))
+    metrics = evaluate_detection(mask_detector, prepared.test_df)
+    metrics.update(model=uri, data_hash=prepared.data_hash, detector=settings.detector.model_dump(mode="json"))
+    try:  # logged to MLflow beside the classification metrics, as its own run
+        with tracking.evaluation_run(settings, "detection", {"data_hash": prepared.data_hash, "model": uri}):
+            tracking.log_metrics({f"det_ap50_{k}": v for k, v in metrics["ap50_per_class"].items()}
+                                 | {"det_map50": metrics["map50"], "det_face_recall": metrics["face_recall"],
+                                    "det_ms_per_photo": metrics["ms_per_photo"]}
+                                 | {f"det_recall_{k}": v for k, v in metrics["face_recall_by_size"].items()
+                                    if v is not None})
+            tracking.log_dict(metrics, "detection_metrics.json")
+    except tracking.TrackingUnavailableError as error:
+        typer.secho(f"warning: metrics not logged: {error}", fg="yellow", err=True)
+    if as_json:
+        sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+    else:
+        typer.echo(format_detection_summary(metrics))
+
+
+@app.command()
+def predict(images: Annotated[list[Path], typer.Argument(help="Photos to analyse.")],
+            model: Annotated[Optional[str], typer.Option(
+                help="Bundle folder, .keras file or models:/name@alias (default: the champion).")] = None,
+            as_json: Annotated[bool, typer.Option("--json", help="Print detections as JSON.")] = False,
+            output: Annotated[Optional[Path], typer.Option(
+                help="Write annotated images: a file (one input) or a folder.")] = None,
+            config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
+    """Find faces in photos and classify each: boxes, labels, scores."""
+    from maskwatch.detect import DetectorModelError, MaskDetector, draw_detections
+    from maskwatch.preprocessing import ImageDecodeError, read_image
+
+    settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
+    try:
+        mask_detector = MaskDetector.from_settings(settings, model)
+    except (DetectorModelError, *_known_errors()) as error:
+        _fail(str(error))
+    except Exception as error:  # MLflow's own errors for an unknown model or alias
+        _fail(f"cannot load model: {error}")
+    report, failed = {}, 0
+    for path in images:
+        try:
+            image = read_image(path)
+        except ImageDecodeError as error:
+            typer.secho(f"error: {error}", fg="red", err=True)
+            failed += 1
+            continue
+        detections = mask_detector.detect(image)
+        report[str(path)] = [d.to_dict() for d in detections]
+        if output is not None:
+            _write_annotated(draw_detections(image, detections), path, output, len(images))
+        if not as_json:
+            typer.echo(f"{path}: {len(detections)} face(s)")
+            for d in detections:
+                typer.echo(f"  {d.label:<22} {d.score:.3f}  box={list(d.box)}  face={d.face_score:.2f}")
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _write_annotated(image, source: Path, output: Path, count: int) -> None:
+    import cv2
+
+    target = output / f"{source.stem}_annotated.jpg" if (count > 1 or output.is_dir()) else output
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(target), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+
+@app.command()
+def serve(model: Annotated[Optional[str], typer.Option(
+              help="Bundle folder, .keras file or models:/name@alias (default: the champion).")] = None,
+          host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+          port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+          workers: Annotated[Optional[int], typer.Option(help="gunicorn worker processes.")] = None,
+          dev: Annotated[bool, typer.Option("--dev", help="Flask's development server instead of gunicorn.")] = False,
+          config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
+    """Serve the API and web page with gunicorn (one model per worker)."""
+    import subprocess
+    import tempfile
+
+    from maskwatch.serve import create_app, gunicorn_command, serve_environment
+
+    settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
+    bind_host, bind_port = host or settings.serve.host, port or settings.serve.port
+    if dev:
+        create_app(settings, model_uri=model).run(host=bind_host, port=bind_port, threaded=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="maskwatch-metrics-") as metrics_dir:
+        command = gunicorn_command(settings, model, f"{bind_host}:{bind_port}", workers or settings.serve.workers)
+        err(f"serving on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")
+        raise typer.Exit(subprocess.call(command, env=serve_environment(settings, model, metrics_dir)))
 
 
 @models_app.command("list")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -132,4 +133,108 @@ def format_summary(result: EvaluationResult, class_names=CLASS_NAMES) -> str:
         lines.append(f"{name:<24}{values['precision']:>10.3f}{values['recall']:>10.3f}{values['f1-score']:>10.3f}"
                      f"{int(values['support']):>9}   {ci}")
     lines.append("confusion matrix (rows true, columns predicted): " + str(result.confusion_matrix))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- detection (detector + classifier)
+
+SIZE_BUCKETS = (("under_16", 0, 16), ("16_to_32", 16, 32), ("32_and_over", 32, float("inf")))
+
+
+def _iou(box, others: np.ndarray) -> np.ndarray:
+    if len(others) == 0:
+        return np.zeros(0)
+    x0 = np.maximum(box[0], others[:, 0])
+    y0 = np.maximum(box[1], others[:, 1])
+    x1 = np.minimum(box[2], others[:, 2])
+    y1 = np.minimum(box[3], others[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAMES, iou_threshold: float = 0.5,
+                       progress: bool = True) -> dict:
+    """Run detector + classifier on every photo of `faces` (ground-truth boxes) and score it with pycocotools.
+
+    Each found face is scored once per class (face score x class probability), as multi-class detectors are.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from tqdm.auto import tqdm
+
+    from maskwatch.preprocessing import read_image
+
+    class_names = list(class_names)
+    images, annotations, results = [], [], []
+    matched_by_size = {name: [0, 0] for name, _, _ in SIZE_BUCKETS}
+    milliseconds = []
+    photos = list(faces.groupby("image_path", sort=True))
+    for image_id, (image_path, truth) in enumerate(tqdm(photos, desc="detecting", unit="photo",
+                                                        disable=not progress), start=1):
+        image = read_image(image_path)
+        started = time.perf_counter()
+        detections = mask_detector.detect(image)
+        milliseconds.append((time.perf_counter() - started) * 1e3)
+        images.append({"id": image_id, "width": int(image.shape[1]), "height": int(image.shape[0])})
+        truth_boxes = truth[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=float)
+        for row, box in zip(truth.itertuples(), truth_boxes):
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, "area": float(w * h),
+                                "bbox": [float(box[0]), float(box[1]), float(w), float(h)],
+                                "category_id": class_names.index(row.label) + 1})
+        found = np.array([d.box for d in detections], dtype=float).reshape(-1, 4)
+        for box in truth_boxes:  # class-agnostic recall by face size
+            size = min(box[2] - box[0], box[3] - box[1])
+            bucket = next(name for name, low, high in SIZE_BUCKETS if low <= size < high)
+            matched_by_size[bucket][1] += 1
+            matched_by_size[bucket][0] += int((_iou(box, found) >= iou_threshold).any())
+        for det in detections:
+            x0, y0, x1, y1 = (float(v) for v in det.box)
+            for index, name in enumerate(class_names):
+                results.append({"image_id": image_id, "category_id": index + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                "score": det.face_score * det.probabilities[name]})
+    import contextlib
+    import io
+
+    per_class_ap = {name: 0.0 for name in class_names}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own progress and tables
+        ground_truth = COCO()
+        ground_truth.dataset = {"images": images, "annotations": annotations,
+                                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]}
+        ground_truth.createIndex()
+        if results:
+            detections_coco = ground_truth.loadRes(results)
+            evaluator = COCOeval(ground_truth, detections_coco, iouType="bbox")
+            evaluator.params.iouThrs = np.array([iou_threshold])
+            evaluator.params.maxDets = [1, 10, 100]
+            evaluator.params.areaRng = [[0, 1e10]]
+            evaluator.params.areaRngLbl = ["all"]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            precision = evaluator.eval["precision"]  # [iou, recall, class, area, maxdets]
+            for index, name in enumerate(class_names):
+                values = precision[0, :, index, 0, -1]
+                values = values[values > -1]
+                per_class_ap[name] = float(values.mean()) if values.size else 0.0
+    recall_by_size = {name: (hit / total if total else None) for name, (hit, total) in matched_by_size.items()}
+    hits = sum(h for h, _ in matched_by_size.values())
+    total = sum(t for _, t in matched_by_size.values())
+    return {
+        "photos": len(photos), "faces": total, "iou_threshold": iou_threshold,
+        "ap50_per_class": per_class_ap, "map50": float(np.mean(list(per_class_ap.values()))),
+        "face_recall": hits / total if total else None, "face_recall_by_size": recall_by_size,
+        "faces_by_size": {name: t for name, (_, t) in matched_by_size.items()},
+        "ms_per_photo": float(np.mean(milliseconds)) if milliseconds else None,
+    }
+
+
+def format_detection_summary(metrics: dict) -> str:
+    lines = [f"photos: {metrics['photos']}   faces: {metrics['faces']}   mAP@{metrics['iou_threshold']}: "
+             f"{metrics['map50']:.3f}   face recall: {metrics['face_recall']:.3f}   "
+             f"{metrics['ms_per_photo']:.1f} ms/photo"]
+    lines += [f"  AP {name:<24}{value:.3f}" for name, value in metrics["ap50_per_class"].items()]
+    lines += [f"  recall faces {name:<12}{value if value is None else round(value, 3)}"
+              f" ({metrics['faces_by_size'][name]} faces)" for name, value in metrics["face_recall_by_size"].items()]
     return "\n".join(lines)

@@ -104,6 +104,17 @@ def training_run(settings: Settings, run_name: str | None = None, tags: dict[str
         yield run.info.run_id
 
 
+@contextlib.contextmanager
+def evaluation_run(settings: Settings, kind: str, tags: dict[str, str]) -> Iterator[str]:
+    """A separate run for an evaluation of an existing model (e.g. detection metrics)."""
+    mlflow = _mlflow()
+    configure(settings)
+    with mlflow.start_run(run_name=f"evaluate-{kind}") as run:
+        mlflow.set_tags({"git_commit": git_commit(), "maskwatch.stage": f"evaluate-{kind}", **tags})
+        log_params({f"detector.{k}": v for k, v in settings.detector.model_dump(mode="json").items()})
+        yield run.info.run_id
+
+
 def log_params(params: dict[str, Any]) -> None:
     mlflow = _mlflow()
     # MLflow caps a param value at 6000 characters and a batch at 100 params.

@@ -1,0 +1,329 @@
+"""Inference: face detectors, the classifier Predictor and MaskDetector (find faces, classify each).
+
+Used by the API, the CLI and the video loop. Imports no training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import cv2
+import numpy as np
+
+from maskwatch.bundle import ModelMetadata, bundle_paths, read_metadata
+from maskwatch.config import DetectorConfig, Settings
+from maskwatch.preprocessing import CropSpec, extract_faces, resize_face
+
+log = logging.getLogger(__name__)
+
+YUNET_FILE = "face_detection_yunet_2026may.onnx"
+YUNET_COMMIT = "47534e27c9851bb1128ccc0102f1145e27f23f98"
+YUNET_URL = f"https://github.com/opencv/opencv_zoo/raw/{YUNET_COMMIT}/models/face_detection_yunet/{YUNET_FILE}"
+YUNET_SHA256 = "ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0"
+
+
+class DetectorModelError(RuntimeError):
+    """The face detector's model file is missing, corrupt or cannot be fetched."""
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MASKWATCH_CACHE_DIR", Path.home() / ".cache" / "maskwatch"))
+
+
+def fetch_verified(url: str, sha256: str, destination: Path, timeout: float = 60.0) -> Path:
+    """Download once to `destination`, check the sha256, keep it only if it matches."""
+    if destination.is_file() and sha256_of(destination) == sha256:
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False, suffix=".part") as part:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                shutil.copyfileobj(response, part)
+        except OSError as err:
+            os.unlink(part.name)
+            raise DetectorModelError(f"cannot download {url}: {err}; set detector.model_path "
+                                     "(MASKWATCH_YUNET_PATH) to a local copy") from err
+    actual = sha256_of(Path(part.name))
+    if actual != sha256:
+        os.unlink(part.name)
+        raise DetectorModelError(f"download from {url} has sha256 {actual}, expected {sha256}; not used")
+    os.replace(part.name, destination)
+    return destination
+
+
+def yunet_model_path(config: DetectorConfig, url: str = YUNET_URL) -> Path:
+    """The configured YuNet file (checked), or the pinned OpenCV Zoo file downloaded once into the cache."""
+    if config.model_path is not None:
+        path = Path(config.model_path).expanduser()
+        if not path.is_file():
+            raise DetectorModelError(f"YuNet model {path} does not exist (detector.model_path / MASKWATCH_YUNET_PATH)")
+        if path.name == YUNET_FILE and sha256_of(path) != YUNET_SHA256:
+            raise DetectorModelError(f"YuNet model {path} is corrupt: sha256 does not match the pinned release")
+        return path
+    return fetch_verified(url, YUNET_SHA256, cache_dir() / YUNET_FILE)
+
+
+# ----------------------------------------------------------------------------- face detectors
+
+
+@dataclass
+class FaceBox:
+    box: tuple[int, int, int, int]  # xmin, ymin, xmax, ymax in photo pixels
+    score: float
+
+
+class FaceDetector(Protocol):
+    def detect(self, image: np.ndarray) -> list[FaceBox]: ...
+
+
+DETECTORS: dict[str, Callable[[DetectorConfig], FaceDetector]] = {}
+
+
+def register_detector(name: str):
+    """Decorator: make a detector factory available as detector.backend = name."""
+
+    def wrap(factory):
+        DETECTORS[name] = factory
+        return factory
+
+    return wrap
+
+
+def create_face_detector(config: DetectorConfig) -> FaceDetector:
+    if config.backend not in DETECTORS:
+        raise ValueError(f"unknown face detector {config.backend!r}; known: {', '.join(sorted(DETECTORS))}")
+    return DETECTORS[config.backend](config)
+
+
+def nms(boxes: list[FaceBox], iou_threshold: float) -> list[FaceBox]:
+    if len(boxes) <= 1:
+        return boxes
+    rects = [[b.box[0], b.box[1], b.box[2] - b.box[0], b.box[3] - b.box[1]] for b in boxes]
+    keep = cv2.dnn.NMSBoxes(rects, [b.score for b in boxes], 0.0, iou_threshold)
+    return [boxes[i] for i in np.array(keep).ravel()]
+
+
+@register_detector("yunet")
+class YuNetDetector:
+    """OpenCV's YuNet, with an optional small-face mode (upscaled pass or upscaled tiles)."""
+
+    def __init__(self, config: DetectorConfig):
+        self.config = config
+        path = yunet_model_path(config)
+        try:
+            self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), config.score_threshold,
+                                                  config.nms_threshold, 5000)
+        except cv2.error as err:
+            raise DetectorModelError(f"OpenCV cannot load YuNet model {path}: {err}") from err
+        self._lock = threading.Lock()  # the net holds per-call input size state
+
+    def _run(self, bgr: np.ndarray) -> np.ndarray:
+        height, width = bgr.shape[:2]
+        with self._lock:
+            self._net.setInputSize((width, height))
+            _, faces = self._net.detect(bgr)
+        return faces if faces is not None else np.zeros((0, 15), np.float32)
+
+    def _view(self, bgr, x0, y0, scale) -> list[FaceBox]:
+        view = bgr if scale == 1.0 else cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+        found = []
+        for face in self._run(view):
+            x, y, w, h = (float(v) / scale for v in face[:4])
+            found.append(FaceBox((int(round(x0 + x)), int(round(y0 + y)), int(round(x0 + x + w)),
+                                  int(round(y0 + y + h))), float(face[14])))
+        return found
+
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        cfg = self.config
+        height, width = image.shape[:2]
+        shrink = min(1.0, cfg.max_side / max(height, width))
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        if shrink < 1.0:
+            bgr = cv2.resize(bgr, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+        found = self._view(bgr, 0, 0, 1.0)
+        if cfg.small_face_mode == "upscale":
+            found += self._view(bgr, 0, 0, cfg.upscale_factor)
+        elif cfg.small_face_mode == "tile":
+            found += self._tiles(bgr)
+        if shrink < 1.0:
+            found = [FaceBox(tuple(int(round(v / shrink)) for v in f.box), f.score) for f in found]
+        found = nms(found, cfg.nms_threshold)
+        return _clip_and_filter(found, width, height, cfg.min_face_size)
+
+    def _tiles(self, bgr: np.ndarray) -> list[FaceBox]:
+        """2x2 overlapping tiles, each upscaled: small faces become big enough for YuNet's anchors."""
+        height, width = bgr.shape[:2]
+        tile_h, tile_w = int(height * 0.6), int(width * 0.6)
+        found = []
+        for y0 in (0, height - tile_h):
+            for x0 in (0, width - tile_w):
+                found += self._view(bgr[y0:y0 + tile_h, x0:x0 + tile_w], x0, y0, self.config.upscale_factor)
+        return found
+
+
+@register_detector("full_frame")
+class FullFrameDetector:
+    """The whole image is one face: for photos that are already face crops."""
+
+    def __init__(self, config: DetectorConfig):
+        self.config = config
+
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        return [FaceBox((0, 0, image.shape[1], image.shape[0]), 1.0)]
+
+
+def _clip_and_filter(found: list[FaceBox], width: int, height: int, min_size: int) -> list[FaceBox]:
+    kept = []
+    for face in found:
+        x0, y0, x1, y1 = face.box
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+        if min(x1 - x0, y1 - y0) >= min_size:
+            kept.append(FaceBox((x0, y0, x1, y1), face.score))
+    return kept
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+class Predictor:
+    """Loads a model bundle once and classifies batches of face crops with the training preprocessing."""
+
+    def __init__(self, model_file: Path, metadata: ModelMetadata, runtime: str = "keras"):
+        self.metadata = metadata
+        self.class_names = list(metadata.class_names)
+        self.crop_spec: CropSpec = metadata.crop_spec
+        self.runtime = runtime
+        self.model_file = Path(model_file)
+        self._infer = _load_runtime(self.model_file, runtime, metadata.input_size)
+
+    @classmethod
+    def from_path(cls, path: str | Path, runtime: str = "keras") -> "Predictor":
+        model_file, _ = bundle_paths(path)
+        return cls(model_file, read_metadata(path), runtime)
+
+    @classmethod
+    def from_uri(cls, uri: str, settings: Settings, runtime: str | None = None) -> "Predictor":
+        from maskwatch.tracking import resolve_model_uri
+
+        return cls.from_path(resolve_model_uri(uri, settings), runtime or settings.serve.runtime)
+
+    def predict_inputs(self, faces: np.ndarray) -> np.ndarray:
+        """faces: N x S x S x 3 uint8 RGB (already through the stem) -> N x C probabilities."""
+        if len(faces) == 0:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return self._infer(np.asarray(faces, dtype=np.float32))
+
+    def classify_crops(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Already-cropped faces of any size: resized exactly as training crops were."""
+        faces = [resize_face(crop, self.crop_spec) for crop in crops]
+        return self.predict_inputs(np.stack(faces) if faces else np.zeros((0, 1, 1, 3), np.uint8))
+
+
+def _load_runtime(model_file: Path, runtime: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
+    if runtime != "keras":
+        raise ValueError(f"runtime {runtime!r} is not available yet; use 'keras'")
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(model_file, compile=False)
+
+    # A traced graph: far cheaper per call than model.predict, and safe to call from several threads.
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
+    def infer(batch):
+        return model(batch, training=False)
+
+    infer(tf.zeros([1, size, size, 3]))  # trace once at load time, not on the first request
+    return lambda batch: infer(tf.constant(batch)).numpy()
+
+
+# ----------------------------------------------------------------------------- faces + classes
+
+
+@dataclass
+class Detection:
+    box: tuple[int, int, int, int]
+    label: str
+    score: float
+    probabilities: dict[str, float]
+    face_score: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DetectionTimings:
+    detect_ms: float = 0.0
+    classify_ms: float = 0.0
+
+
+@dataclass
+class MaskDetector:
+    predictor: Predictor
+    face_detector: FaceDetector
+    last_timings: DetectionTimings = field(default_factory=DetectionTimings)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model_uri: str | None = None) -> "MaskDetector":
+        uri = model_uri or settings.serve.model_uri or (
+            f"models:/{settings.tracking.registered_model_name}@{settings.tracking.champion_alias}")
+        return cls(Predictor.from_uri(uri, settings), create_face_detector(settings.detector))
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        """RGB uint8 photo -> one Detection per face, all faces classified in one batch."""
+        started = time.perf_counter()
+        faces = self.face_detector.detect(image)
+        detected = time.perf_counter()
+        probabilities = self.predictor.predict_inputs(
+            extract_faces(image, [f.box for f in faces], self.predictor.crop_spec))
+        self.last_timings = DetectionTimings((detected - started) * 1e3, (time.perf_counter() - detected) * 1e3)
+        names = self.predictor.class_names
+        return [
+            Detection(face.box, names[int(np.argmax(p))], float(np.max(p)),
+                      {name: float(v) for name, v in zip(names, p)}, face.score)
+            for face, p in zip(faces, probabilities)
+        ]
+
+
+LABEL_COLOURS = {"with_mask": (46, 160, 67), "without_mask": (220, 38, 38), "mask_weared_incorrect": (234, 162, 0)}
+
+
+def draw_detections(image: np.ndarray, detections: list[Detection], fps: float | None = None) -> np.ndarray:
+    """Boxes, labels and scores drawn on a copy of an RGB image."""
+    canvas = image.copy()
+    thickness = max(1, round(max(image.shape[:2]) / 400))
+    for det in detections:
+        colour = LABEL_COLOURS.get(det.label, (255, 255, 255))
+        x0, y0, x1, y1 = det.box
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, thickness)
+        text = f"{det.label} {det.score:.2f}"
+        scale = 0.35 * thickness
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        ty = max(y0, th + base + 2)
+        cv2.rectangle(canvas, (x0, ty - th - base - 2), (x0 + tw + 2, ty), colour, -1)
+        cv2.putText(canvas, text, (x0 + 1, ty - base - 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+    if fps is not None:
+        cv2.putText(canvas, f"{fps:.1f} FPS", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 0), 2, cv2.LINE_AA)
+    return canvas

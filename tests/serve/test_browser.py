@@ -1,0 +1,39 @@
+"""The web page in a real headless Chromium: upload a data-set photo, labelled boxes appear."""
+
+import json
+
+
+def test_upload_shows_labelled_boxes(browser, gunicorn_server, data_dir, tmp_path):
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    page.goto(gunicorn_server + "/")
+    assert "maskwatch" in page.title()
+    page.set_input_files("#file", str(data_dir / "images" / "maksssksksss0.jpg"))
+    page.wait_for_selector("#status[data-faces]", timeout=30_000)
+    faces = int(page.get_attribute("#status", "data-faces"))
+    labels = json.loads(page.get_attribute("#canvas", "data-labels"))
+    assert faces >= 3 and len(labels) == faces
+    assert set(labels) <= {"with_mask", "without_mask", "mask_weared_incorrect"}
+    rows = page.locator("#table tbody tr")
+    assert rows.count() == faces
+    assert rows.first.locator("td").nth(1).inner_text() in labels
+    # The boxes are really drawn: the canvas holds the photo plus coloured label pixels.
+    coloured = page.evaluate("""() => {
+        const c = document.getElementById('canvas'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < d.length; i += 4) {
+          const [r, g, b] = [d[i], d[i+1], d[i+2]];
+          if ((r == 46 && g == 160 && b == 67) || (r == 220 && g == 38 && b == 38) || (r == 234 && g == 162 && b == 0)) n++;
+        } return n; }""")
+    assert coloured > 200
+    page.screenshot(path=str(tmp_path / "page.png"))
+    page.close()
+
+
+def test_page_shows_server_errors(browser, gunicorn_server, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"this is not a photo")
+    page = browser.new_page()
+    page.goto(gunicorn_server + "/")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_selector("#status.error", timeout=15_000)
+    assert "not an image" in page.inner_text("#status")
+    page.close()
