@@ -1,0 +1,44 @@
+"""The real download code, exercised through file:// URLs (no network here)."""
+
+import pytest
+
+from maskwatch.config import DetectorConfig
+from maskwatch.detect import YUNET_SHA256, YUNET_URL, DetectorModelError, fetch_verified, sha256_of, yunet_model_path
+
+
+def test_pinned_yunet_url_and_hash():
+    assert "47534e27c9851bb1128ccc0102f1145e27f23f98" in YUNET_URL and YUNET_URL.endswith(
+        "face_detection_yunet_2026may.onnx")
+    assert len(YUNET_SHA256) == 64
+
+
+def test_download_verifies_and_caches(yunet_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKWATCH_CACHE_DIR", str(tmp_path / "cache"))
+    path = yunet_model_path(DetectorConfig(model_path=None), url=yunet_path.as_uri())
+    assert path == tmp_path / "cache" / "face_detection_yunet_2026may.onnx"
+    assert sha256_of(path) == YUNET_SHA256
+    # Cached: a second call does not fetch again (the URL is now unusable and still works).
+    assert yunet_model_path(DetectorConfig(model_path=None), url="file:///nonexistent") == path
+
+
+def test_download_with_wrong_hash_keeps_nothing(tmp_path):
+    source = tmp_path / "fake.onnx"
+    source.write_bytes(b"tampered")
+    target = tmp_path / "cache" / "model.onnx"
+    with pytest.raises(DetectorModelError, match="expected"):
+        fetch_verified(source.as_uri(), YUNET_SHA256, target)
+    assert not target.exists() and not list(target.parent.glob("*.part"))
+
+
+def test_unreachable_download_says_how_to_work_offline(tmp_path):
+    with pytest.raises(DetectorModelError, match="MASKWATCH_YUNET_PATH"):
+        fetch_verified((tmp_path / "missing.onnx").as_uri(), YUNET_SHA256, tmp_path / "c" / "m.onnx")
+
+
+def test_kaggle_credentials_detection(tmp_path):
+    from maskwatch.data import kaggle_credentials_present
+
+    assert not kaggle_credentials_present({"KAGGLE_CONFIG_DIR": str(tmp_path)})
+    assert kaggle_credentials_present({"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"})
+    (tmp_path / "kaggle.json").write_text("{}")
+    assert kaggle_credentials_present({"KAGGLE_CONFIG_DIR": str(tmp_path)})
