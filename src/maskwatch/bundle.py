@@ -32,6 +32,7 @@ class ModelMetadata:
     model_version: str | None = None
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     maskwatch_version: str = __version__
+    exports: dict = field(default_factory=dict)  # runtime -> file name in the bundle (LiteRT, ONNX)
 
     @property
     def crop_spec(self) -> CropSpec:

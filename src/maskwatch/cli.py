@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,7 +30,18 @@ DataDirOpt = Annotated[Optional[Path], typer.Option(help="Data set folder (VOC o
 TrackingOpt = Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite mlflow.db here).")]
 WorkDirOpt = Annotated[Optional[Path], typer.Option(help="Where crops, models and reports go (default ./artifacts).")]
 
-err = typer.echo
+def err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+class Runtime(str, Enum):
+    keras = "keras"
+    litert = "litert"
+    litert_int8 = "litert_int8"
+    onnx = "onnx"
+
+
+RuntimeOpt = Annotated[Optional[Runtime], typer.Option(help="Classifier runtime (exports: `maskwatch export`).")]
 
 
 def _quiet_backends() -> None:
@@ -185,12 +197,15 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Photos to analyse
             as_json: Annotated[bool, typer.Option("--json", help="Print detections as JSON.")] = False,
             output: Annotated[Optional[Path], typer.Option(
                 help="Write annotated images: a file (one input) or a folder.")] = None,
+            runtime: RuntimeOpt = None,
             config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
     """Find faces in photos and classify each: boxes, labels, scores."""
     from maskwatch.detect import DetectorModelError, MaskDetector, draw_detections
     from maskwatch.preprocessing import ImageDecodeError, read_image
 
     settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
+    if runtime:
+        settings.serve.runtime = runtime.value
     try:
         mask_detector = MaskDetector.from_settings(settings, model)
     except (DetectorModelError, *_known_errors()) as error:
@@ -234,6 +249,7 @@ def serve(model: Annotated[Optional[str], typer.Option(
           port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
           workers: Annotated[Optional[int], typer.Option(help="gunicorn worker processes.")] = None,
           dev: Annotated[bool, typer.Option("--dev", help="Flask's development server instead of gunicorn.")] = False,
+          runtime: RuntimeOpt = None,
           config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
     """Serve the API and web page with gunicorn (one model per worker)."""
     import subprocess
@@ -242,6 +258,8 @@ def serve(model: Annotated[Optional[str], typer.Option(
     from maskwatch.serve import create_app, gunicorn_command, serve_environment
 
     settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
+    if runtime:
+        settings.serve.runtime = runtime.value
     bind_host, bind_port = host or settings.serve.host, port or settings.serve.port
     if dev:
         create_app(settings, model_uri=model).run(host=bind_host, port=bind_port, threaded=True)
@@ -250,6 +268,71 @@ def serve(model: Annotated[Optional[str], typer.Option(
         command = gunicorn_command(settings, model, f"{bind_host}:{bind_port}", workers or settings.serve.workers)
         err(f"serving on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")
         raise typer.Exit(subprocess.call(command, env=serve_environment(settings, model, metrics_dir)))
+
+
+@app.command()
+def webcam(source: Annotated[str, typer.Option(help="Camera index (0), video file, or stream URL.")] = "0",
+           model: Annotated[Optional[str], typer.Option(
+               help="Bundle folder, .keras file or models:/name@alias (default: the champion).")] = None,
+           display: Annotated[bool, typer.Option(help="Show a window (needs OpenCV with GUI support).")] = True,
+           output: Annotated[Optional[Path], typer.Option(help="Write the annotated video (.mp4).")] = None,
+           json_out: Annotated[Optional[Path], typer.Option(
+               "--json", help="Write per-frame detections as JSON lines.")] = None,
+           max_frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
+           runtime: RuntimeOpt = None,
+           config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
+    """Detect masks live in a camera, video file or stream; q or Ctrl-C stops. Prints FPS and stage timings."""
+    from maskwatch.detect import DetectorModelError, MaskDetector
+    from maskwatch.realtime import VideoSourceError, parse_source, run_video
+
+    settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
+    if runtime:
+        settings.serve.runtime = runtime.value
+    try:
+        mask_detector = MaskDetector.from_settings(settings, model)
+        summary = run_video(mask_detector, parse_source(source), display=display, output=output, json_path=json_out,
+                            max_frames=max_frames)
+    except (VideoSourceError, DetectorModelError, *_known_errors()) as error:
+        _fail(str(error))
+    err(summary.to_text())
+
+
+@app.command("export")
+def export_command(
+        model: Annotated[Optional[str], typer.Option(
+            help="Bundle folder or models:/name@alias (default: the champion).")] = None,
+        formats: Annotated[list[str], typer.Option(
+            "--format", help="litert (float), litert_int8 (calibrated on training crops) or onnx; repeatable.")]
+        = ["litert", "litert_int8", "onnx"],
+        check: Annotated[bool, typer.Option(help="Parity with Keras on the test crops.")] = True,
+        config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None, tracking_uri: TrackingOpt = None,
+        work_dir: WorkDirOpt = None) -> None:
+    """Export the classifier for fast inference (LiteRT float/int8, ONNX) into the model bundle."""
+    from maskwatch import tracking
+    from maskwatch.data import prepare_data
+    from maskwatch.export import EXPORT_FILES, export_model, parity_report
+
+    unknown = [f for f in formats if f not in EXPORT_FILES]
+    if unknown:
+        _fail(f"unknown format(s) {unknown}; choose from {', '.join(EXPORT_FILES)}")
+    settings = _settings(config, "full", set_, data_dir, tracking_uri, work_dir)
+    uri = model or f"models:/{settings.tracking.registered_model_name}@{settings.tracking.champion_alias}"
+    try:
+        bundle = tracking.resolve_model_uri(uri, settings)
+        prepared, _ = prepare_data(settings)
+    except _known_errors() as error:
+        _fail(str(error))
+    except Exception as error:
+        _fail(f"cannot load model {uri}: {error}")
+    for result in export_model(bundle, formats, prepared.train_df):
+        typer.echo(f"{result.runtime:<12} {result.size_bytes / 1e6:6.1f} MB  {result.path}")
+    if check:
+        report = parity_report(bundle, prepared.test_df, formats)
+        typer.echo(f"parity on {len(prepared.test_df)} test crops (agreement with Keras, max |p - p_keras|, macro-F1):")
+        for runtime, values in report.items():
+            typer.echo(f"  {runtime:<12} {values['agreement']:.4f}  {values['max_abs_diff']:.5f}  "
+                       f"{values['macro_f1']:.4f}")
+        (bundle / "export_parity.json").write_text(json.dumps(report, indent=2))
 
 
 @models_app.command("list")

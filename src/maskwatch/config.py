@@ -114,7 +114,7 @@ class DetectorConfig(_Section):
 
 class ServeConfig(_Section):
     model_uri: str | None = Field(None, description=".keras path, bundle dir or models:/name@alias")
-    runtime: Literal["keras", "litert", "onnx"] = "keras"
+    runtime: Literal["keras", "litert", "litert_int8", "onnx"] = "keras"
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     api_key: str | None = None

@@ -240,9 +240,21 @@ class Predictor:
         return self.predict_inputs(np.stack(faces) if faces else np.zeros((0, 1, 1, 3), np.uint8))
 
 
+RUNTIME_FILES = {"litert": "model_float.tflite", "litert_int8": "model_int8.tflite", "onnx": "model.onnx"}
+
+
 def _load_runtime(model_file: Path, runtime: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
-    if runtime != "keras":
-        raise ValueError(f"runtime {runtime!r} is not available yet; use 'keras'")
+    if runtime == "keras":
+        return _keras_runtime(model_file, size)
+    if runtime not in RUNTIME_FILES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose keras, {', '.join(RUNTIME_FILES)}")
+    exported = model_file.parent / RUNTIME_FILES[runtime]
+    if not exported.is_file():
+        raise FileNotFoundError(f"no {runtime} export at {exported}: run `maskwatch export --format {runtime}`")
+    return _onnx_runtime(exported) if runtime == "onnx" else _litert_runtime(exported)
+
+
+def _keras_runtime(model_file: Path, size: int):
     import keras
     import tensorflow as tf
 
@@ -255,6 +267,35 @@ def _load_runtime(model_file: Path, runtime: str, size: int) -> Callable[[np.nda
 
     infer(tf.zeros([1, size, size, 3]))  # trace once at load time, not on the first request
     return lambda batch: infer(tf.constant(batch)).numpy()
+
+
+def _litert_runtime(path: Path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+    lock, allocated = threading.Lock(), {"batch": None}
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        with lock:  # one interpreter holds one set of tensors
+            if allocated["batch"] != len(batch):
+                interpreter.resize_tensor_input(input_index, list(batch.shape))
+                interpreter.allocate_tensors()
+                allocated["batch"] = len(batch)
+            interpreter.set_tensor(input_index, batch)
+            interpreter.invoke()
+            return interpreter.get_tensor(output_index).copy()
+
+    return infer
+
+
+def _onnx_runtime(path: Path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {input_name: batch})[0]
 
 
 # ----------------------------------------------------------------------------- faces + classes

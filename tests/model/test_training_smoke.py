@@ -107,6 +107,7 @@ def mlflow_server(tmp_path):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_job_against_a_real_mlflow_server(settings_factory, mlflow_server):
     settings = settings_factory(train=TINY, tracking={"tracking_uri": mlflow_server})
     result = run_job(settings, run_name="server")

@@ -1,0 +1,235 @@
+"""Real time: detect and classify faces in a camera, video file or stream. Imports no training code.
+
+Frames are read on their own thread. For cameras and streams only the newest frame is kept, so a slow
+model never works on stale frames; for files every frame is processed, so the output matches the input.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from maskwatch.detect import MaskDetector, draw_detections
+
+
+class VideoSourceError(RuntimeError):
+    """The camera, file or stream cannot be opened or read."""
+
+
+def parse_source(source: str) -> int | str:
+    return int(source) if source.isdigit() else source
+
+
+class FrameReader:
+    """Reads frames on a background thread; `latest_only` drops frames the consumer had no time for."""
+
+    def __init__(self, source: int | str, latest_only: bool | None = None):
+        self.source = source
+        if isinstance(source, str) and "://" not in source and not Path(source).is_file():
+            raise VideoSourceError(f"video file {source} does not exist")
+        self.capture = cv2.VideoCapture(source)
+        if not self.capture.isOpened():
+            what = f"camera {source}" if isinstance(source, int) else f"video source {source}"
+            raise VideoSourceError(f"cannot open {what} (is it connected, readable and a video?)")
+        ok, first = self.capture.read()
+        if not ok or first is None:
+            self.capture.release()
+            raise VideoSourceError(f"cannot read a frame from {source}")
+        self.fps = float(self.capture.get(cv2.CAP_PROP_FPS) or 0.0) or 30.0
+        self.latest_only = isinstance(source, int) or "://" in str(source) if latest_only is None else latest_only
+        self.frames: queue.Queue = queue.Queue(maxsize=1 if self.latest_only else 8)
+        self.frames.put(first)
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frame-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            ok, frame = self.capture.read()
+            if not ok:
+                break
+            if self.latest_only:
+                try:
+                    self.frames.get_nowait()  # replace the stale frame
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+                self.frames.put(frame)
+            else:
+                while not self._stop.is_set():
+                    try:
+                        self.frames.put(frame, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        self.frames.put(None)  # end of stream
+
+    def read(self, timeout: float = 10.0) -> np.ndarray | None:
+        """The next BGR frame, or None at the end of the stream."""
+        try:
+            return self.frames.get(timeout=timeout)
+        except queue.Empty as err:
+            raise VideoSourceError(f"no frame from {self.source} for {timeout:.0f} s") from err
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.capture.release()
+
+
+@dataclass
+class StageTimes:
+    capture: list[float] = field(default_factory=list)
+    detect: list[float] = field(default_factory=list)
+    classify: list[float] = field(default_factory=list)
+    draw: list[float] = field(default_factory=list)
+    output: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {name: float(np.mean(values)) if values else 0.0 for name, values in self.__dict__.items()}
+
+
+@dataclass
+class RunSummary:
+    frames: int
+    seconds: float
+    fps: float
+    faces: int
+    dropped: int
+    stage_ms: dict[str, float]
+
+    def to_text(self) -> str:
+        stages = "  ".join(f"{k} {v:.1f} ms" for k, v in self.stage_ms.items())
+        return (f"{self.frames} frames in {self.seconds:.1f} s = {self.fps:.1f} FPS, {self.faces} faces, "
+                f"{self.dropped} stale frames skipped\nper frame: {stages}")
+
+
+def open_display(window: str) -> None:
+    try:
+        cv2.namedWindow(window, cv2.WINDOW_NORMAL)
+    except cv2.error as err:
+        raise VideoSourceError(
+            "this OpenCV has no GUI support (opencv-python-headless): run with --no-display --output out.mp4, "
+            "or replace it with the GUI build: pip uninstall -y opencv-python-headless && pip install opencv-python"
+        ) from err
+
+
+def run_video(mask_detector: MaskDetector, source: int | str, display: bool = True, output: Path | None = None,
+              json_path: Path | None = None, max_frames: int | None = None, latest_only: bool | None = None,
+              window: str = "maskwatch") -> RunSummary:
+    """The loop: read, detect + classify, draw with FPS, show / write. `q` or Ctrl-C stops and releases."""
+    if display:
+        open_display(window)
+    reader = FrameReader(source, latest_only)
+    writer, json_file = None, None
+    times, recent = StageTimes(), deque(maxlen=30)
+    frames = faces = 0
+    stop = threading.Event()
+    previous_handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    started = time.perf_counter()
+    try:
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_file = open(json_path, "w")
+        while not stop.is_set() and (max_frames is None or frames < max_frames):
+            t0 = time.perf_counter()
+            frame = reader.read()
+            if frame is None:
+                break
+            t1 = time.perf_counter()
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            detections = mask_detector.detect(rgb)
+            t2 = time.perf_counter()
+            recent.append(t2)
+            fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
+            annotated = cv2.cvtColor(draw_detections(rgb, detections, fps=fps), cv2.COLOR_RGB2BGR)
+            t3 = time.perf_counter()
+            if output is not None:
+                if writer is None:
+                    writer = _open_writer(output, annotated.shape, reader.fps)
+                writer.write(annotated)
+            if json_file:
+                json_file.write(json.dumps({"frame": frames, "time_s": round(t2 - started, 4),
+                                            "detections": [d.to_dict() for d in detections]}) + "\n")
+            if display:
+                cv2.imshow(window, annotated)
+                if cv2.waitKey(1) & 0xFF == ord("q"):
+                    stop.set()
+            t4 = time.perf_counter()
+            timings = mask_detector.last_timings
+            times.capture.append((t1 - t0) * 1e3)
+            times.detect.append(timings.detect_ms)
+            times.classify.append(timings.classify_ms)
+            times.draw.append((t3 - t2) * 1e3)
+            times.output.append((t4 - t3) * 1e3)
+            frames += 1
+            faces += len(detections)
+    finally:
+        reader.close()
+        if writer is not None:
+            writer.release()
+        if json_file:
+            json_file.close()
+        if display:
+            cv2.destroyAllWindows()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_handler)
+    seconds = time.perf_counter() - started
+    return RunSummary(frames, seconds, frames / seconds if seconds else 0.0, faces, reader.dropped, times.summary())
+
+
+def _open_writer(path: Path, shape, fps: float):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise VideoSourceError(f"cannot write video {path} (use an .mp4 or .avi name)")
+    return writer
+
+
+def make_test_video(photos: list[Path], path: Path, size=(640, 480), frames_per_photo: int = 5, fps: float = 15.0,
+                    y4m: bool = False) -> Path:
+    """A short video from still photos (letterboxed): for tests, benchmarks and a fake browser camera."""
+    from maskwatch.preprocessing import read_image
+
+    width, height = size
+    frames = []
+    for photo in photos:
+        image = read_image(photo)
+        scale = min(width / image.shape[1], height / image.shape[0])
+        resized = cv2.resize(image, (int(image.shape[1] * scale), int(image.shape[0] * scale)))
+        canvas = np.zeros((height, width, 3), np.uint8)
+        y0, x0 = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
+        canvas[y0:y0 + resized.shape[0], x0:x0 + resized.shape[1]] = resized
+        frames += [canvas] * frames_per_photo
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if y4m:
+        _write_y4m(frames, path, fps)
+    else:
+        writer = _open_writer(path, (height, width), fps)
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+    return path
+
+
+def _write_y4m(frames: list[np.ndarray], path: Path, fps: float) -> None:
+    """YUV4MPEG2 (4:2:0): what Chromium's fake camera reads."""
+    height, width = frames[0].shape[:2]
+    with open(path, "wb") as handle:
+        handle.write(f"YUV4MPEG2 W{width} H{height} F{int(fps)}:1 Ip A1:1 C420jpeg\n".encode())
+        for frame in frames:
+            yuv = cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420)
+            handle.write(b"FRAME\n" + yuv.tobytes())

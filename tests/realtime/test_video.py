@@ -1,0 +1,91 @@
+"""Headless video detection (no camera, no screen here) and the export runtimes."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from maskwatch.realtime import FrameReader, VideoSourceError, make_test_video, run_video
+
+MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
+
+
+@pytest.fixture(scope="module")
+def test_video(data_dir, tmp_path_factory):
+    photos = [data_dir / "images" / f"maksssksksss{n}.jpg" for n in (0, 1, 4)]
+    return make_test_video(photos, tmp_path_factory.mktemp("video") / "faces.mp4", frames_per_photo=4)
+
+
+def test_headless_run_writes_video_and_per_frame_json(mask_detector, test_video, tmp_path):
+    summary = run_video(mask_detector, str(test_video), display=False, output=tmp_path / "out.mp4",
+                        json_path=tmp_path / "frames.jsonl")
+    assert summary.frames == 12 and summary.fps > 0 and summary.faces >= 12
+    assert set(summary.stage_ms) == {"capture", "detect", "classify", "draw", "output"}
+    lines = [json.loads(line) for line in (tmp_path / "frames.jsonl").read_text().splitlines()]
+    assert [line["frame"] for line in lines] == list(range(12))
+    assert all(len(line["detections"]) >= 1 for line in lines)
+    written = cv2.VideoCapture(str(tmp_path / "out.mp4"))
+    assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    ok, frame = written.read()
+    assert ok and frame.shape == (480, 640, 3)
+
+
+def test_latest_only_reader_skips_stale_frames(test_video):
+    reader = FrameReader(str(test_video), latest_only=True)
+    time.sleep(0.5)  # a slow consumer: the reader keeps replacing the waiting frame
+    seen = 0
+    while reader.read() is not None:
+        seen += 1
+    reader.close()
+    assert reader.dropped > 0 and seen + reader.dropped == 12
+
+
+def test_bad_sources_are_clear_errors(tmp_path):
+    with pytest.raises(VideoSourceError, match="does not exist"):
+        FrameReader(str(tmp_path / "none.mp4"))
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video")
+    with pytest.raises(VideoSourceError, match="cannot"):
+        FrameReader(str(junk))
+    with pytest.raises(VideoSourceError, match="camera 9"):
+        FrameReader(9)
+
+
+def test_webcam_command_headless(tiny_bundle, test_video, yunet_path, tmp_path):
+    env = {**os.environ, "MASKWATCH_YUNET_PATH": str(yunet_path)}
+    out = subprocess.run([MASKWATCH, "webcam", "--source", str(test_video), "--model", str(tiny_bundle),
+                          "--no-display", "--output", str(tmp_path / "o.mp4"), "--json", str(tmp_path / "o.jsonl")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "12 frames" in out.stderr and "FPS" in out.stderr and "detect" in out.stderr
+    no_gui = subprocess.run([MASKWATCH, "webcam", "--source", str(test_video), "--model", str(tiny_bundle)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert no_gui.returncode == 2 and "--no-display" in no_gui.stderr
+
+
+@pytest.mark.slow
+def test_exports_agree_with_keras(tiny_bundle, small_prepared, tmp_path):
+    import shutil
+
+    from maskwatch.detect import Predictor
+    from maskwatch.export import export_model, parity_report
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    results = export_model(bundle, ["litert", "litert_int8", "onnx"], small_prepared.train_df)
+    assert {r.runtime for r in results} == {"litert", "litert_int8", "onnx"}
+    assert all(r.size_bytes > 1e6 for r in results)
+    report = parity_report(bundle, small_prepared.test_df, ["litert", "litert_int8", "onnx"])
+    assert report["litert"]["agreement"] >= 0.99 and report["litert"]["max_abs_diff"] < 1e-4
+    assert report["onnx"]["agreement"] >= 0.99 and report["onnx"]["max_abs_diff"] < 1e-4
+    assert report["litert_int8"]["agreement"] >= 0.8
+    crops = np.zeros((3, 224, 224, 3), np.uint8)
+    for runtime in ("litert", "onnx"):
+        assert Predictor.from_path(bundle, runtime).predict_inputs(crops).shape == (3, 3)
+    with pytest.raises(FileNotFoundError, match="maskwatch export"):
+        Predictor.from_path(tiny_bundle, "onnx")
