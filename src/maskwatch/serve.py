@@ -266,6 +266,10 @@ def create_app(settings: Settings | None = None, mask_detector: MaskDetector | N
     def index():
         return Response(_page("index.html"), mimetype="text/html")
 
+    @app.get("/live")
+    def live():
+        return Response(_page("live.html"), mimetype="text/html")
+
     return app
 
 
