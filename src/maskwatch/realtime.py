@@ -207,13 +207,7 @@ def make_test_video(photos: list[Path], path: Path, size=(640, 480), frames_per_
     width, height = size
     frames = []
     for photo in photos:
-        image = read_image(photo)
-        scale = min(width / image.shape[1], height / image.shape[0])
-        resized = cv2.resize(image, (int(image.shape[1] * scale), int(image.shape[0] * scale)))
-        canvas = np.zeros((height, width, 3), np.uint8)
-        y0, x0 = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
-        canvas[y0:y0 + resized.shape[0], x0:x0 + resized.shape[1]] = resized
-        frames += [canvas] * frames_per_photo
+        frames += [letterbox(read_image(photo), size)] * frames_per_photo
     path.parent.mkdir(parents=True, exist_ok=True)
     if y4m:
         _write_y4m(frames, path, fps)
@@ -223,6 +217,17 @@ def make_test_video(photos: list[Path], path: Path, size=(640, 480), frames_per_
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         writer.release()
     return path
+
+
+def letterbox(image: np.ndarray, size=(640, 480)) -> np.ndarray:
+    """Scale to fit `size` (width, height) and pad with black, keeping the aspect ratio."""
+    width, height = size
+    scale = min(width / image.shape[1], height / image.shape[0])
+    resized = cv2.resize(image, (int(image.shape[1] * scale), int(image.shape[0] * scale)))
+    canvas = np.zeros((height, width, 3), np.uint8)
+    y0, x0 = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
+    canvas[y0:y0 + resized.shape[0], x0:x0 + resized.shape[1]] = resized
+    return canvas
 
 
 def _write_y4m(frames: list[np.ndarray], path: Path, fps: float) -> None:

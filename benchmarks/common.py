@@ -1,0 +1,96 @@
+"""Helpers shared by the benchmark scripts: model location, a gunicorn server, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MASKWATCH_SHARED_DIR", REPO.parent / "shared"))
+DATA_DIR = Path(os.environ.get("MASKWATCH_DATA_DIR", SHARED / "data" / "face-mask-detection"))
+os.environ.setdefault("MASKWATCH_YUNET_PATH", str(SHARED / "models" / "face_detection_yunet_2026may.onnx"))
+os.environ.setdefault("KERAS_HOME", str(SHARED / "keras"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(_fmt(row.get(c)).rjust(widths[c]) for c in columns))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "-" if value is None else str(value)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    print(f"wrote {path}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def letterboxed_photo(photo: Path, size=(640, 480)) -> bytes:
+    """A data-set photo letterboxed to 640x480, as JPEG bytes."""
+    import cv2
+
+    from maskwatch.preprocessing import read_image
+    from maskwatch.realtime import letterbox
+
+    canvas = letterbox(read_image(photo), size)
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return jpeg.tobytes()
+
+
+@contextmanager
+def gunicorn(model: str, runtime: str, workers: int, extra_env: dict | None = None):
+    """`maskwatch serve` on a free port; yields (url, server process)."""
+    port = free_port()
+    env = {**os.environ, **(extra_env or {})}
+    log = open(REPO / "benchmarks" / "results" / f"server-{port}.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "maskwatch"), "serve", "--model", model, "--runtime",
+                             runtime, "--port", str(port), "--workers", str(workers)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    ready, deadline = 0, time.time() + 240
+    while ready < 3 * workers and time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=5) as response:
+                ready += response.status == 200
+        except OSError:
+            time.sleep(0.5)
+    if ready < 3 * workers:
+        os.killpg(proc.pid, signal.SIGTERM)
+        raise RuntimeError(f"server did not become ready; see {log.name}")
+    try:
+        yield url, proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+
+
+def default_model() -> str:
+    return os.environ.get("MASKWATCH_MODEL", "models:/maskwatch@champion")
