@@ -324,8 +324,12 @@ def export_command(
         _fail(str(error))
     except Exception as error:
         _fail(f"cannot load model {uri}: {error}")
-    for result in export_model(bundle, formats, prepared.train_df):
+    results = export_model(bundle, formats, prepared.train_df)
+    for result in results:
         typer.echo(f"{result.runtime:<12} {result.size_bytes / 1e6:6.1f} MB  {result.path}")
+    if uri.startswith(("models:/", "runs:/")):
+        run_id = tracking.attach_to_registered_model(uri, settings, [r.path for r in results])
+        typer.echo(f"attached to {uri} (run {run_id}): serve it with --runtime {results[0].runtime}")
     if check:
         report = parity_report(bundle, prepared.test_df, formats)
         typer.echo(f"parity on {len(prepared.test_df)} test crops (agreement with Keras, max |p - p_keras|, macro-F1):")

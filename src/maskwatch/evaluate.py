@@ -42,8 +42,12 @@ class EvaluationResult:
 def predict_probabilities(model, frame: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
     from maskwatch.data import make_dataset
 
-    dataset = make_dataset(frame, batch_size, training=False, cache=False).map(lambda x, y: x)
+    dataset = make_dataset(frame, batch_size, training=False, cache=False).map(_images_only)
     return model.predict(dataset, verbose=0)
+
+
+def _images_only(images, labels):
+    return images
 
 
 def evaluate_predictions(y_true: np.ndarray, probabilities: np.ndarray, photo_ids: np.ndarray | None = None,

@@ -46,6 +46,7 @@ def export_model(bundle: Path, formats: list[str], calibration_df: pd.DataFrame 
     signature = [tf.TensorSpec([None, size, size, 3], tf.float32, name="image")]
     results = []
     for fmt in formats:
+        log.info("exporting %s", fmt)
         target = bundle_dir / EXPORT_FILES[fmt]
         if fmt == "litert":
             model.export(str(target), format="litert", input_signature=signature, verbose=False)

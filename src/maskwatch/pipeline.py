@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from maskwatch import tracking
-from maskwatch.bundle import ModelMetadata, save_bundle, write_metadata
+from maskwatch.bundle import ModelMetadata, read_metadata, save_bundle, write_metadata
 from maskwatch.config import CLASS_NAMES, Settings
 from maskwatch.data import PreparedData, class_counts_table, prepare_data
+from maskwatch.export import export_model
 from maskwatch.evaluate import EvaluationResult, evaluate_model, format_summary, plot_confusion_matrix
 from maskwatch.train import TrainingHistory, plot_history, train_model
 
@@ -69,11 +70,14 @@ def run_job(settings: Settings, run_name: str | None = None) -> JobResult:
             training_config=json.loads(settings.model_dump_json()), data_hash=prepared.data_hash,
             metrics=evaluation.flat_metrics(), run_id=run_id)
         bundle_dir = save_bundle(model, run_dir / "model", metadata)
+        exports = export_model(bundle_dir, list(settings.train.export_formats), prepared.train_df)
+        metadata = read_metadata(bundle_dir)
         (bundle_dir / "config.yaml").write_text(settings.to_yaml())
         tracking.log_artifact(bundle_dir / "config.yaml")
         example = np.zeros((1, settings.data.image_size, settings.data.image_size, 3), dtype=np.float32)
         registered_name = settings.tracking.registered_model_name if settings.tracking.register_model else None
-        version = tracking.log_keras_model(model, example, json.loads(metadata.to_json()), registered_name)
+        version = tracking.log_keras_model(model, example, json.loads(metadata.to_json()), registered_name,
+                                           extra_files=[e.path for e in exports])
         challenger = {"macro_f1": evaluation.macro_f1, "accuracy": evaluation.accuracy,
                       **evaluation.flat_metrics(prefix="")}
         decision = tracking.decide_promotion(settings, version, challenger, champion_metrics_on(prepared, settings))

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import urllib.error
@@ -166,7 +167,8 @@ def epoch_logger_factory() -> Callable[[str, int], list]:
     return lambda phase, offset: [EpochMetricsLogger(phase, offset)]
 
 
-def log_keras_model(model, input_example, metadata: dict, registered_model_name: str | None) -> str | None:
+def log_keras_model(model, input_example, metadata: dict, registered_model_name: str | None,
+                    extra_files: list[Path] = ()) -> str | None:
     """Log the model (signature, input example, metadata) under the run's `model/`; returns the new version.
 
     mlflow.keras.log_model in MLflow 3.17 writes the input example before creating its folder
@@ -181,6 +183,8 @@ def log_keras_model(model, input_example, metadata: dict, registered_model_name:
         local.mkdir()
         mlflow.keras.save_model(model, str(local), signature=signature, input_example=input_example,
                                 metadata=metadata)
+        for extra in extra_files:  # exports sit beside model.keras, where the Predictor looks
+            shutil.copy2(extra, local / "data" / Path(extra).name)
         mlflow.log_artifacts(str(local), artifact_path=MODEL_ARTIFACT)
     if not registered_model_name:
         return None
@@ -220,6 +224,22 @@ def download_model(uri: str, destination: Path | None = None) -> Path:
     metadata.setdefault("run_id", mlmodel.run_id)
     (bundle_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
     return bundle_dir
+
+
+def attach_to_registered_model(uri: str, settings: Settings, files: list[Path]) -> str:
+    """Upload files (e.g. exports) beside the model of a models:/ or runs:/ URI; returns the run id."""
+    configure(settings)
+    if uri.startswith("runs:/"):
+        run_id = uri.removeprefix("runs:/").split("/")[0]
+    else:
+        name, _, ref = uri.removeprefix("models:/").partition("@")
+        client = _client()
+        version = (client.get_model_version_by_alias(name, ref) if ref
+                   else client.get_model_version(*uri.removeprefix("models:/").split("/")[:2]))
+        run_id = version.run_id
+    for path in files:
+        _client().log_artifact(run_id, str(path), artifact_path=f"{MODEL_ARTIFACT}/data")
+    return run_id
 
 
 def resolve_model_uri(uri: str, settings: Settings) -> Path:

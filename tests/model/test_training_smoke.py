@@ -8,11 +8,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+import keras
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from maskwatch.detect import Predictor
+from maskwatch.evaluate import predict_probabilities
 from maskwatch.pipeline import run_job
+from maskwatch.preprocessing import read_image
 from maskwatch.tracking import TrackingUnavailableError
 from maskwatch.train import train_model
 
@@ -34,11 +39,11 @@ def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory):
         assert len(client.get_metric_history(result.run_id, name)) == 1, name
     assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [1, 2]
     assert 0.0 <= metrics["test_macro_f1"] <= 1.0 and "test_mask_weared_incorrect_recall_ci_high" in metrics
-    artifacts = {a.path for path in ("", "training", "evaluation", "model", "data_report")
+    artifacts = {a.path for path in ("", "training", "evaluation", "model", "model/data", "data_report")
                  for a in client.list_artifacts(result.run_id, path)}
     for expected in ("training/training_curves.png", "training/history.csv", "evaluation/confusion_matrix.png",
                      "evaluation/classification_report.txt", "model/MLmodel", "data_report/sample_crops.png",
-                     "data_report/face_sizes.png", "config.yaml", "promotion.json"):
+                     "data_report/face_sizes.png", "config.yaml", "promotion.json", "model/data/model_float.tflite"):
         assert expected in artifacts, expected
     model_info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
     assert model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 224, 224, 3)
@@ -47,6 +52,13 @@ def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory):
     assert str(version.version) == "1" and version.run_id == result.run_id
     bundle_meta = json.loads((result.bundle_dir / "metadata.json").read_text())
     assert bundle_meta["model_version"] == "1" and bundle_meta["crop"]["size"] == 224
+    assert bundle_meta["exports"] == {"litert": "model_float.tflite"}
+
+    # The registered champion serves straight from the registry, with the LiteRT export logged beside it.
+    predictor = Predictor.from_uri("models:/maskwatch@champion", settings, runtime="litert")
+    crops = np.stack([read_image(p) for p in result.prepared.test_df.crop_path[:4]])
+    np.testing.assert_allclose(predictor.predict_inputs(crops), predict_probabilities(
+        keras.models.load_model(result.bundle_dir / "model.keras"), result.prepared.test_df.head(4)), atol=1e-4)
 
     # A second model is compared with the champion on the same test split before any promotion.
     second = run_job(settings, run_name="challenger")
