@@ -41,6 +41,8 @@ class Runtime(str, Enum):
     onnx = "onnx"
 
 
+ModelOpt = Annotated[Optional[str], typer.Option(
+    help="Bundle folder, .keras file or models:/name@alias (default: the champion).")]
 RuntimeOpt = Annotated[Optional[Runtime], typer.Option(help="Classifier runtime (exports: `maskwatch export`).")]
 
 
@@ -121,8 +123,7 @@ def train(config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = N
 
 
 @app.command()
-def evaluate(model: Annotated[Optional[str], typer.Option(
-                 help="Model: bundle folder, .keras file or models:/name@alias (default: the champion).")] = None,
+def evaluate(model: ModelOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON on stdout.")] = False,
              detection: Annotated[bool, typer.Option(
                  "--detection", help="Face detector + classifier on the test photos: AP@0.5, mAP, recall by size.")]
@@ -192,26 +193,17 @@ def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, as
 
 @app.command()
 def predict(images: Annotated[list[Path], typer.Argument(help="Photos to analyse.")],
-            model: Annotated[Optional[str], typer.Option(
-                help="Bundle folder, .keras file or models:/name@alias (default: the champion).")] = None,
+            model: ModelOpt = None,
             as_json: Annotated[bool, typer.Option("--json", help="Print detections as JSON.")] = False,
             output: Annotated[Optional[Path], typer.Option(
                 help="Write annotated images: a file (one input) or a folder.")] = None,
             runtime: RuntimeOpt = None,
             config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
     """Find faces in photos and classify each: boxes, labels, scores."""
-    from maskwatch.detect import DetectorModelError, MaskDetector, draw_detections
+    from maskwatch.detect import draw_detections
     from maskwatch.preprocessing import ImageDecodeError, read_image
 
-    settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
-    if runtime:
-        settings.serve.runtime = runtime.value
-    try:
-        mask_detector = MaskDetector.from_settings(settings, model)
-    except (DetectorModelError, *_known_errors()) as error:
-        _fail(str(error))
-    except Exception as error:  # MLflow's own errors for an unknown model or alias
-        _fail(f"cannot load model: {error}")
+    mask_detector = _mask_detector(_settings(config, "full", set_, tracking_uri=tracking_uri), model, runtime)
     report, failed = {}, 0
     for path in images:
         try:
@@ -234,6 +226,20 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Photos to analyse
         raise typer.Exit(1)
 
 
+def _mask_detector(settings: Settings, model: str | None, runtime: Runtime | None):
+    """Face detector + classifier for inference commands, with every loading failure as a clear error."""
+    from maskwatch.detect import DetectorModelError, MaskDetector
+
+    if runtime:
+        settings.serve.runtime = runtime.value
+    try:
+        return MaskDetector.from_settings(settings, model)
+    except (DetectorModelError, *_known_errors()) as error:
+        _fail(str(error))
+    except Exception as error:  # MLflow's own errors for an unknown model or alias
+        _fail(f"cannot load model: {error}")
+
+
 def _write_annotated(image, source: Path, output: Path, count: int) -> None:
     import cv2
 
@@ -243,8 +249,7 @@ def _write_annotated(image, source: Path, output: Path, count: int) -> None:
 
 
 @app.command()
-def serve(model: Annotated[Optional[str], typer.Option(
-              help="Bundle folder, .keras file or models:/name@alias (default: the champion).")] = None,
+def serve(model: ModelOpt = None,
           host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
           port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
           workers: Annotated[Optional[int], typer.Option(help="gunicorn worker processes.")] = None,
@@ -272,8 +277,7 @@ def serve(model: Annotated[Optional[str], typer.Option(
 
 @app.command()
 def webcam(source: Annotated[str, typer.Option(help="Camera index (0), video file, or stream URL.")] = "0",
-           model: Annotated[Optional[str], typer.Option(
-               help="Bundle folder, .keras file or models:/name@alias (default: the champion).")] = None,
+           model: ModelOpt = None,
            display: Annotated[bool, typer.Option(help="Show a window (needs OpenCV with GUI support).")] = True,
            output: Annotated[Optional[Path], typer.Option(help="Write the annotated video (.mp4).")] = None,
            json_out: Annotated[Optional[Path], typer.Option(
@@ -282,17 +286,13 @@ def webcam(source: Annotated[str, typer.Option(help="Camera index (0), video fil
            runtime: RuntimeOpt = None,
            config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
     """Detect masks live in a camera, video file or stream; q or Ctrl-C stops. Prints FPS and stage timings."""
-    from maskwatch.detect import DetectorModelError, MaskDetector
     from maskwatch.realtime import VideoSourceError, parse_source, run_video
 
-    settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
-    if runtime:
-        settings.serve.runtime = runtime.value
+    mask_detector = _mask_detector(_settings(config, "full", set_, tracking_uri=tracking_uri), model, runtime)
     try:
-        mask_detector = MaskDetector.from_settings(settings, model)
         summary = run_video(mask_detector, parse_source(source), display=display, output=output, json_path=json_out,
                             max_frames=max_frames)
-    except (VideoSourceError, DetectorModelError, *_known_errors()) as error:
+    except VideoSourceError as error:
         _fail(str(error))
     err(summary.to_text())
 
