@@ -67,22 +67,6 @@ def train_head(train_x, train_y, val_x, val_y, weights, seed, epochs=20):
     return head
 
 
-def prior_bias(val_probs, val_y):
-    """Additive log-bias per class (grid) maximising validation macro-F1: the 'thresholds' option."""
-    from sklearn.metrics import f1_score
-
-    best, best_f1 = np.zeros(3), -1.0
-    grid = np.linspace(-1.0, 3.0, 17)
-    log_p = np.log(val_probs + 1e-9)
-    for b1 in grid:
-        for b2 in grid:
-            bias = np.array([0.0, b1, b2])
-            f1 = f1_score(val_y, (log_p + bias).argmax(1), average="macro")
-            if f1 > best_f1 + 1e-9:
-                best, best_f1 = bias, f1
-    return best
-
-
 def scores(y, probs):
     from sklearn.metrics import f1_score, recall_score
 
@@ -101,8 +85,10 @@ def main(argv=None):
 
     import keras
 
+    from maskwatch.bundle import apply_class_bias
     from maskwatch.config import load_settings
     from maskwatch.data import class_weights, oversample, prepare_data
+    from maskwatch.evaluate import tune_class_bias
     from maskwatch.model import MaskDetectionModel
 
     _, base = MaskDetectionModel().build_model()
@@ -133,8 +119,7 @@ def main(argv=None):
                 test_probs = head.predict(feats["test"], verbose=0)
                 val_probs = head.predict(feats["val"], verbose=0)
                 tta_probs = (test_probs + head.predict(flipped_test, verbose=0)) / 2
-                bias = prior_bias(val_probs, labels["val"])
-                adjusted = np.exp(np.log(test_probs + 1e-9) + bias)
+                adjusted = apply_class_bias(test_probs, tune_class_bias(val_probs, labels["val"]))
                 for variant, probs in (("argmax", test_probs), ("flip_tta", tta_probs), ("val_prior_bias", adjusted)):
                     rows.append({"crop": crop_name, "imbalance": imb_name, "decision": variant, "seed": seed,
                                  **scores(labels["test"], probs)})

@@ -47,6 +47,19 @@ class ModelMetadata:
         return cls(**known)
 
 
+def apply_class_bias(probabilities, log_bias):
+    """Shift class log-probabilities by a per-class bias (decision thresholds tuned on validation data)."""
+    import numpy as np
+
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if log_bias is None or len(probabilities) == 0 or not np.any(log_bias):
+        return probabilities
+    logits = np.log(np.clip(probabilities, 1e-9, 1.0)) + np.asarray(log_bias, dtype=np.float32)
+    logits -= logits.max(axis=1, keepdims=True)
+    shifted = np.exp(logits)
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def bundle_paths(path: str | Path) -> tuple[Path, Path]:
     """(model.keras, metadata.json) for a bundle folder or a .keras file with a metadata sidecar."""
     path = Path(path)

@@ -134,7 +134,7 @@ def evaluate(model: ModelOpt = None,
     import keras
 
     from maskwatch import tracking
-    from maskwatch.bundle import bundle_paths
+    from maskwatch.bundle import bundle_paths, read_metadata
     from maskwatch.data import prepare_data
     from maskwatch.evaluate import evaluate_model, format_summary
 
@@ -155,7 +155,8 @@ def evaluate(model: ModelOpt = None,
         return
     result, _ = evaluate_model(keras.models.load_model(model_file), prepared.test_df,
                                bootstrap_samples=settings.evaluate.bootstrap_samples,
-                               confidence_level=settings.evaluate.confidence_level)
+                               confidence_level=settings.evaluate.confidence_level,
+                               class_log_bias=read_metadata(bundle).thresholds.get("class_log_bias"))
     if as_json:
         sys.stdout.write(json.dumps({"model": uri, "data_hash": prepared.data_hash, **result.to_dict()}, indent=2)
                          + "\n")

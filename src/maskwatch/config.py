@@ -84,6 +84,8 @@ class TrainConfig(_Section):
     reduce_lr_patience: int | None = Field(3, ge=1)
     seed: int = 42
     cache_in_memory: bool = True
+    decision_bias: Literal["none", "val_macro_f1"] = Field(
+        "none", description="val_macro_f1: per-class log-prior bias tuned on the validation split, kept in metadata.")
     export_formats: list[Literal["litert", "litert_int8", "onnx"]] = Field(
         default_factory=lambda: ["litert"], description="Exports written into the bundle and the registered model.")
 

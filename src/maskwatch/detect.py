@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
-from maskwatch.bundle import ModelMetadata, bundle_paths, read_metadata
+from maskwatch.bundle import ModelMetadata, apply_class_bias, bundle_paths, read_metadata
 from maskwatch.config import DetectorConfig, Settings
 from maskwatch.preprocessing import CropSpec, extract_faces, resize_face
 
@@ -216,6 +216,7 @@ class Predictor:
         self.runtime = runtime
         self.model_file = Path(model_file)
         self._infer = _load_runtime(self.model_file, runtime, metadata.input_size)
+        self.class_log_bias = metadata.thresholds.get("class_log_bias")
 
     @classmethod
     def from_path(cls, path: str | Path, runtime: str = "keras") -> "Predictor":
@@ -232,7 +233,7 @@ class Predictor:
         """faces: N x S x S x 3 uint8 RGB (already through the stem) -> N x C probabilities."""
         if len(faces) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
-        return self._infer(np.asarray(faces, dtype=np.float32))
+        return apply_class_bias(self._infer(np.asarray(faces, dtype=np.float32)), self.class_log_bias)
 
     def classify_crops(self, crops: list[np.ndarray]) -> np.ndarray:
         """Already-cropped faces of any size: resized exactly as training crops were."""

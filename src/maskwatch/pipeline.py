@@ -15,7 +15,8 @@ from maskwatch.bundle import ModelMetadata, read_metadata, save_bundle, write_me
 from maskwatch.config import CLASS_NAMES, Settings
 from maskwatch.data import PreparedData, class_counts_table, prepare_data
 from maskwatch.export import export_model
-from maskwatch.evaluate import EvaluationResult, evaluate_model, format_summary, plot_confusion_matrix
+from maskwatch.evaluate import (EvaluationResult, evaluate_model, format_summary, plot_confusion_matrix,
+                                predict_probabilities, tune_class_bias)
 from maskwatch.train import TrainingHistory, plot_history, train_model
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ def champion_metrics_on(prepared: PreparedData, settings: Settings) -> callable:
     def metrics_for(version: str) -> dict[str, float]:
         bundle = tracking.download_model(f"models:/{settings.tracking.registered_model_name}/{version}")
         model = keras.models.load_model(bundle / "model.keras")
-        result, _ = evaluate_model(model, prepared.test_df, bootstrap_samples=settings.evaluate.bootstrap_samples)
+        bias = read_metadata(bundle).thresholds.get("class_log_bias")
+        result, _ = evaluate_model(model, prepared.test_df, bootstrap_samples=settings.evaluate.bootstrap_samples,
+                                   class_log_bias=bias)
         return {"macro_f1": result.macro_f1, "accuracy": result.accuracy, **result.flat_metrics(prefix="")}
 
     return metrics_for
@@ -61,12 +64,14 @@ def run_job(settings: Settings, run_name: str | None = None) -> JobResult:
             prepared.train_df, prepared.val_df, use_two_phase=settings.train.two_phase, settings=settings,
             model_path=run_dir / "checkpoint" / "best.keras", extra_callbacks=tracking.epoch_logger_factory())
         _log_history(history, run_dir)
+        class_log_bias = _decision_bias(model, prepared, settings)
         evaluation, _ = evaluate_model(model, prepared.test_df, bootstrap_samples=settings.evaluate.bootstrap_samples,
-                                       confidence_level=settings.evaluate.confidence_level)
+                                       confidence_level=settings.evaluate.confidence_level,
+                                       class_log_bias=class_log_bias)
         _log_evaluation(evaluation, run_dir)
         metadata = ModelMetadata(
             class_names=list(CLASS_NAMES), input_size=settings.data.image_size, crop=prepared.crop_spec.to_dict(),
-            thresholds={"detector_score": settings.detector.score_threshold},
+            thresholds={"detector_score": settings.detector.score_threshold, "class_log_bias": class_log_bias},
             training_config=json.loads(settings.model_dump_json()), data_hash=prepared.data_hash,
             metrics=evaluation.flat_metrics(), run_id=run_id)
         bundle_dir = save_bundle(model, run_dir / "model", metadata)
@@ -90,6 +95,17 @@ def run_job(settings: Settings, run_name: str | None = None) -> JobResult:
         wall = time.perf_counter() - started
         tracking.log_metrics({"wall_seconds": wall})
     return JobResult(run_id, bundle_dir, evaluation, history, decision, prepared, wall)
+
+
+def _decision_bias(model, prepared: PreparedData, settings: Settings) -> list[float] | None:
+    """Tune the per-class decision bias on the validation split (never on test), if configured."""
+    if settings.train.decision_bias == "none":
+        return None
+    index = {name: i for i, name in enumerate(CLASS_NAMES)}
+    bias = tune_class_bias(predict_probabilities(model, prepared.val_df),
+                           prepared.val_df["label"].map(index).to_numpy())
+    tracking.log_params({"tuned_class_log_bias": bias})
+    return bias
 
 
 def _log_history(history: TrainingHistory, run_dir: Path) -> None:

@@ -31,3 +31,24 @@ def test_bootstrap_interval_brackets_recall_and_resamples_photos():
     assert interval["faces"] == 40 and interval["hits"] == int((y_pred == 2).sum())
     perfect = bootstrap_recall_interval(y_true, y_true, photos, 2, 500, 0.95, seed=0)
     assert perfect["low"] == perfect["high"] == 1.0
+
+
+def test_class_bias_shifts_decisions_and_is_tuned_on_held_out_data():
+    from maskwatch.bundle import apply_class_bias
+    from maskwatch.evaluate import tune_class_bias
+
+    probs = np.array([[0.6, 0.1, 0.3], [0.7, 0.2, 0.1], [0.5, 0.45, 0.05]])
+    assert np.array_equal(apply_class_bias(probs, None), probs.astype(np.float32))
+    shifted = apply_class_bias(probs, [0.0, 0.0, 1.0])
+    assert np.allclose(shifted.sum(axis=1), 1.0) and shifted[0].argmax() == 2 and shifted[1].argmax() == 0
+    # Minority class under-predicted: tuning raises its bias until macro-F1 is best.
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 80 + [2] * 20)
+    p2 = np.where(y == 2, rng.uniform(0.2, 0.45, 100), rng.uniform(0.0, 0.25, 100))
+    probs = np.stack([1 - p2 - 0.01, np.full(100, 0.01), p2], axis=1)
+    bias = tune_class_bias(probs, y)
+    assert bias[0] == 0.0 and bias[2] > 0
+    from sklearn.metrics import f1_score
+    before = f1_score(y, probs.argmax(1), average="macro")
+    after = f1_score(y, apply_class_bias(probs, bias).argmax(1), average="macro")
+    assert after > before
