@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
-import io
 import json
 import struct
 import threading

@@ -271,7 +271,7 @@ def serve(model: ModelOpt = None,
         create_app(settings, model_uri=model).run(host=bind_host, port=bind_port, threaded=True)
         return
     with tempfile.TemporaryDirectory(prefix="maskwatch-metrics-") as metrics_dir:
-        command = gunicorn_command(settings, model, f"{bind_host}:{bind_port}", workers or settings.serve.workers)
+        command = gunicorn_command(f"{bind_host}:{bind_port}", workers or settings.serve.workers)
         err(f"serving on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")
         raise typer.Exit(subprocess.call(command, env=serve_environment(settings, model, metrics_dir)))
 
@@ -302,9 +302,9 @@ def webcam(source: Annotated[str, typer.Option(help="Camera index (0), video fil
 def export_command(
         model: Annotated[Optional[str], typer.Option(
             help="Bundle folder or models:/name@alias (default: the champion).")] = None,
-        formats: Annotated[list[str], typer.Option(
-            "--format", help="litert (float), litert_int8 (calibrated on training crops) or onnx; repeatable.")]
-        = ["litert", "litert_int8", "onnx"],
+        formats: Annotated[Optional[list[str]], typer.Option(
+            "--format", help="litert (float), litert_int8 (calibrated on training crops) or onnx; repeatable. "
+                             "Default: all three.")] = None,
         check: Annotated[bool, typer.Option(help="Parity with Keras on the test crops.")] = True,
         config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None, tracking_uri: TrackingOpt = None,
         work_dir: WorkDirOpt = None) -> None:
@@ -313,6 +313,7 @@ def export_command(
     from maskwatch.data import prepare_data
     from maskwatch.export import EXPORT_FILES, export_model, parity_report
 
+    formats = formats or list(EXPORT_FILES)
     unknown = [f for f in formats if f not in EXPORT_FILES]
     if unknown:
         _fail(f"unknown format(s) {unknown}; choose from {', '.join(EXPORT_FILES)}")

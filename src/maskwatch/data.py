@@ -529,7 +529,7 @@ def oversample(train_df: pd.DataFrame, power: float, seed: int) -> pd.DataFrame:
     counts = train_df["label"].value_counts()
     rng = np.random.default_rng(seed)
     parts = []
-    for label, group in train_df.groupby("label"):
+    for _, group in train_df.groupby("label"):
         target = int(round(len(group) * (counts.max() / len(group)) ** power))
         extra = rng.choice(len(group), size=max(target - len(group), 0), replace=True)
         parts.append(pd.concat([group, group.iloc[extra]]))

@@ -281,7 +281,7 @@ def _page(name: str) -> str:
     return resources.files("maskwatch").joinpath("web", name).read_text()
 
 
-def gunicorn_command(settings: Settings, model_uri: str | None, bind: str, workers: int) -> list[str]:
+def gunicorn_command(bind: str, workers: int) -> list[str]:
     import sys
 
     app_spec = "maskwatch.serve:create_app()"

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maskwatch.data import FACE_COLUMNS, prepare_data, scan_dataset, split_by_photo
+from maskwatch.data import FACE_COLUMNS, scan_dataset, split_by_photo
 from maskwatch.preprocessing import read_image
 
 

@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 
-from maskwatch.config import load_settings
 from maskwatch.serve import create_app
 
 MULTI_FACE_PHOTO = "maksssksksss0.jpg"  # three annotated faces

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run every benchmark against the champion model, one after another (they must not share the CPU).
+# Results: benchmarks/results/*.json; logs: benchmarks/results/*.log
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=.venv/bin/python
+mkdir -p benchmarks/results
+$py benchmarks/runtimes.py 2>benchmarks/results/runtimes.log | tee benchmarks/results/runtimes.txt
+$py benchmarks/small_faces.py 2>benchmarks/results/small_faces.log | tee benchmarks/results/small_faces.txt
+$py benchmarks/load.py --runtime keras litert 2>benchmarks/results/load.log | tee benchmarks/results/load.txt
+$py benchmarks/hostile.py 2>benchmarks/results/hostile.log | tee benchmarks/results/hostile.txt
