@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 mkdir -p benchmarks/results
+$py benchmarks/phase2_batchnorm.py 2>benchmarks/results/phase2_batchnorm.log | tee benchmarks/results/phase2_batchnorm.txt
 $py benchmarks/runtimes.py 2>benchmarks/results/runtimes.log | tee benchmarks/results/runtimes.txt
 $py benchmarks/small_faces.py 2>benchmarks/results/small_faces.log | tee benchmarks/results/small_faces.txt
 $py benchmarks/load.py --runtime keras litert 2>benchmarks/results/load.log | tee benchmarks/results/load.txt

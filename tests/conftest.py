@@ -95,9 +95,13 @@ def tiny_bundle(small_prepared, tmp_path_factory):
         "reduce_lr_patience": None}}, environ={})
     _, model = train_model(small_prepared.train_df, small_prepared.val_df, settings=settings,
                            model_path=work / "ckpt" / "best.keras")
+    from maskwatch.export import export_model
+
     metadata = ModelMetadata(crop=small_prepared.crop_spec.to_dict(), data_hash=small_prepared.data_hash,
                              model_version="test", metrics={"test_macro_f1": 0.5})
-    return save_bundle(model, work / "bundle", metadata)
+    bundle = save_bundle(model, work / "bundle", metadata)
+    export_model(bundle, ["litert"])  # the default serving runtime
+    return bundle
 
 
 @pytest.fixture(scope="session")

@@ -118,7 +118,8 @@ class DetectorConfig(_Section):
 
 class ServeConfig(_Section):
     model_uri: str | None = Field(None, description=".keras path, bundle dir or models:/name@alias")
-    runtime: Literal["keras", "litert", "litert_int8", "onnx"] = "keras"
+    runtime: Literal["keras", "litert", "litert_int8", "onnx"] = Field(
+        "litert", description="Classifier runtime; float LiteRT is the fastest measured (benchmarks/runtimes.py).")
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     api_key: str | None = None

@@ -94,7 +94,8 @@ def test_classify_matches_the_training_pipeline(client, small_prepared, tiny_bun
     assert response.status_code == 200
     got = np.array([[r["probabilities"][c] for c in ("with_mask", "without_mask", "mask_weared_incorrect")]
                     for r in response.get_json()["results"]])
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got, expected, atol=1e-4)  # float LiteRT vs Keras
+    assert (got.argmax(1) == expected.argmax(1)).all()
 
 
 def test_predictor_crops_like_the_training_stem(mask_detector, small_prepared):
