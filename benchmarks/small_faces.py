@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 from common import REPO, default_model, print_table, write_json
@@ -16,6 +17,7 @@ def main(argv=None):
     parser.add_argument("--model", default=default_model())
     parser.add_argument("--runtime", default="litert")
     parser.add_argument("--modes", nargs="+", default=["off", "upscale", "tile"])
+    parser.add_argument("--score-thresholds", nargs="+", type=float, default=[0.5, 0.3])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "small_faces.json")
     args = parser.parse_args(argv)
 
@@ -29,10 +31,10 @@ def main(argv=None):
     prepared, _ = prepare_data(settings)
     predictor = Predictor.from_path(resolve_model_uri(args.model, settings), args.runtime)
     rows = []
-    for mode in args.modes:
-        detector_config = settings.detector.model_copy(update={"small_face_mode": mode})
+    for mode, threshold in itertools.product(args.modes, args.score_thresholds):
+        detector_config = settings.detector.model_copy(update={"small_face_mode": mode, "score_threshold": threshold})
         metrics = evaluate_detection(MaskDetector(predictor, create_face_detector(detector_config)), prepared.test_df)
-        rows.append({"mode": mode, "map50": metrics["map50"],
+        rows.append({"mode": mode, "score_threshold": threshold, "map50": metrics["map50"],
                      **{f"ap_{k}": v for k, v in metrics["ap50_per_class"].items()},
                      "recall": metrics["face_recall"],
                      **{f"recall_{k}": v for k, v in metrics["face_recall_by_size"].items()},
