@@ -77,7 +77,7 @@ class TrainConfig(_Section):
     dropout: float = 0.5
     imbalance: Literal["none", "class_weight", "oversample"] = "class_weight"
     class_weight_power: float = Field(
-        1.0, ge=0.0, le=1.0, description="Class weight = (n_max / n_class) ** power; 1 = fully balanced."
+        0.5, ge=0.0, le=1.0, description="Class weight = (n_max / n_class) ** power; 1 = fully balanced."
     )
     monitor: str = Field("val_macro_f1", description="Metric for checkpoint, early stopping and LR reduction.")
     early_stopping_patience: int | None = Field(6, ge=1)
