@@ -67,12 +67,13 @@ def main(argv=None):
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "hostile.json")
     args = parser.parse_args(argv)
-    mix = cases(letterboxed_photo(DATA_DIR / "images" / "maksssksksss4.jpg"))
+    mix = cases(letterboxed_photo(DATA_DIR / "images" / "maksssksksss35.jpg"))
     statuses: Counter = Counter()
     lock, next_index = threading.Lock(), iter(range(args.requests))
     with gunicorn(args.model, args.runtime, 2) as (url, server):
         host, port = url.removeprefix("http://").split(":")
         before = worker_rss(server)
+        rss_trace: list = []
 
         def worker():
             conn = http.client.HTTPConnection(host, int(port), timeout=60)
@@ -83,7 +84,10 @@ def main(argv=None):
                     break
                 name, body, content_type = mix[index % len(mix)]
                 try:
-                    conn.request("POST", "/v1/predict", body=body, headers={"Content-Type": content_type})
+                    try:
+                        conn.request("POST", "/v1/predict", body=body, headers={"Content-Type": content_type})
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the server answered (413) and closed before reading the whole upload
                     response = conn.getresponse()
                     response.read()
                     key = (name, response.status)
@@ -96,6 +100,9 @@ def main(argv=None):
                     conn = http.client.HTTPConnection(host, int(port), timeout=60)
                 with lock:
                     statuses[key] += 1
+                    done = sum(statuses.values())
+                    if done % 2000 == 0:
+                        rss_trace.append((done, [round(r / 2**20, 1) for r in worker_rss(server)]))
             conn.close()
 
         threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
@@ -111,7 +118,7 @@ def main(argv=None):
     connection_errors = sum(c for (_, s), c in statuses.items() if not isinstance(s, int))
     summary = {"requests": sum(statuses.values()), "5xx": five_xx, "connection_errors": connection_errors,
                "worker_rss_mb_before": [round(r / 2**20, 1) for r in before],
-               "worker_rss_mb_after": [round(r / 2**20, 1) for r in after]}
+               "worker_rss_mb_after": [round(r / 2**20, 1) for r in after], "rss_mb_every_2000": rss_trace}
     print(json.dumps(summary))
     write_json(args.out, {**summary, "rows": rows})
 

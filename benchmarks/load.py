@@ -72,7 +72,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--photo", type=Path, default=DATA_DIR / "images" / "maksssksksss4.jpg")
+    parser.add_argument("--photo", type=Path, default=DATA_DIR / "images" / "maksssksksss35.jpg",
+                        help="photo letterboxed to 640x480 (default: one where YuNet finds 3 faces)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load.json")
     args = parser.parse_args(argv)
     body = letterboxed_photo(args.photo)

@@ -168,11 +168,17 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="session")
-def browser():
-    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
+def playwright_session():
+    """One Playwright per test session (its sync API allows only one at a time)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
+        yield playwright
+
+
+@pytest.fixture(scope="session")
+def browser(playwright_session):
+    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
+    launched = playwright_session.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+    yield launched
+    launched.close()

@@ -271,7 +271,8 @@ def serve(model: ModelOpt = None,
         create_app(settings, model_uri=model).run(host=bind_host, port=bind_port, threaded=True)
         return
     with tempfile.TemporaryDirectory(prefix="maskwatch-metrics-") as metrics_dir:
-        command = gunicorn_command(f"{bind_host}:{bind_port}", workers or settings.serve.workers)
+        settings.serve.workers = workers or settings.serve.workers  # workers size their thread slice from it
+        command = gunicorn_command(f"{bind_host}:{bind_port}", settings.serve.workers)
         err(f"serving on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")
         raise typer.Exit(subprocess.call(command, env=serve_environment(settings, model, metrics_dir)))
 

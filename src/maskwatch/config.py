@@ -126,6 +126,8 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2
+    inference_threads: int | None = Field(
+        None, ge=1, description="Threads per worker for OpenCV and the classifier; None = all cores.")
 
 
 class Settings(_Section):

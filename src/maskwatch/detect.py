@@ -209,25 +209,27 @@ def _clip_and_filter(found: list[FaceBox], width: int, height: int, min_size: in
 class Predictor:
     """Loads a model bundle once and classifies batches of face crops with the training preprocessing."""
 
-    def __init__(self, model_file: Path, metadata: ModelMetadata, runtime: str = "keras"):
+    def __init__(self, model_file: Path, metadata: ModelMetadata, runtime: str = "keras",
+                 num_threads: int | None = None):
         self.metadata = metadata
         self.class_names = list(metadata.class_names)
         self.crop_spec: CropSpec = metadata.crop_spec
         self.runtime = runtime
         self.model_file = Path(model_file)
-        self._infer = _load_runtime(self.model_file, runtime, metadata.input_size)
+        self._infer = _load_runtime(self.model_file, runtime, metadata.input_size, num_threads)
         self.class_log_bias = metadata.thresholds.get("class_log_bias")
 
     @classmethod
-    def from_path(cls, path: str | Path, runtime: str = "keras") -> "Predictor":
+    def from_path(cls, path: str | Path, runtime: str = "keras", num_threads: int | None = None) -> "Predictor":
         model_file, _ = bundle_paths(path)
-        return cls(model_file, read_metadata(path), runtime)
+        return cls(model_file, read_metadata(path), runtime, num_threads)
 
     @classmethod
-    def from_uri(cls, uri: str, settings: Settings, runtime: str | None = None) -> "Predictor":
+    def from_uri(cls, uri: str, settings: Settings, runtime: str | None = None,
+                 num_threads: int | None = None) -> "Predictor":
         from maskwatch.tracking import resolve_model_uri
 
-        return cls.from_path(resolve_model_uri(uri, settings), runtime or settings.serve.runtime)
+        return cls.from_path(resolve_model_uri(uri, settings), runtime or settings.serve.runtime, num_threads)
 
     def predict_inputs(self, faces: np.ndarray) -> np.ndarray:
         """faces: N x S x S x 3 uint8 RGB (already through the stem) -> N x C probabilities."""
@@ -244,7 +246,8 @@ class Predictor:
 RUNTIME_FILES = {"litert": "model_float.tflite", "litert_int8": "model_int8.tflite", "onnx": "model.onnx"}
 
 
-def _load_runtime(model_file: Path, runtime: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
+def _load_runtime(model_file: Path, runtime: str, size: int,
+                  num_threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     if runtime == "keras":
         return _keras_runtime(model_file, size)
     if runtime not in RUNTIME_FILES:
@@ -252,7 +255,8 @@ def _load_runtime(model_file: Path, runtime: str, size: int) -> Callable[[np.nda
     exported = model_file.parent / RUNTIME_FILES[runtime]
     if not exported.is_file():
         raise FileNotFoundError(f"no {runtime} export at {exported}: run `maskwatch export --format {runtime}`")
-    return _onnx_runtime(exported) if runtime == "onnx" else _litert_runtime(exported)
+    threads = num_threads or os.cpu_count() or 1
+    return _onnx_runtime(exported, threads) if runtime == "onnx" else _litert_runtime(exported, threads)
 
 
 def _keras_runtime(model_file: Path, size: int):
@@ -270,10 +274,10 @@ def _keras_runtime(model_file: Path, size: int):
     return lambda batch: infer(tf.constant(batch)).numpy()
 
 
-def _litert_runtime(path: Path):
+def _litert_runtime(path: Path, num_threads: int):
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
     input_index = interpreter.get_input_details()[0]["index"]
     output_index = interpreter.get_output_details()[0]["index"]
     lock, allocated = threading.Lock(), {"batch": None}
@@ -291,10 +295,12 @@ def _litert_runtime(path: Path):
     return infer
 
 
-def _onnx_runtime(path: Path):
+def _onnx_runtime(path: Path, num_threads: int):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {input_name: batch})[0]
 
@@ -327,10 +333,11 @@ class MaskDetector:
     last_timings: DetectionTimings = field(default_factory=DetectionTimings)
 
     @classmethod
-    def from_settings(cls, settings: Settings, model_uri: str | None = None) -> "MaskDetector":
+    def from_settings(cls, settings: Settings, model_uri: str | None = None,
+                      num_threads: int | None = None) -> "MaskDetector":
         uri = model_uri or settings.serve.model_uri or (
             f"models:/{settings.tracking.registered_model_name}@{settings.tracking.champion_alias}")
-        return cls(Predictor.from_uri(uri, settings), create_face_detector(settings.detector))
+        return cls(Predictor.from_uri(uri, settings, num_threads=num_threads), create_face_detector(settings.detector))
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """RGB uint8 photo -> one Detection per face, all faces classified in one batch."""

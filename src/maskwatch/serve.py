@@ -141,6 +141,10 @@ def create_app(settings: Settings | None = None, mask_detector: MaskDetector | N
     app.json.sort_keys = False
     state: dict = {"detector": mask_detector, "error": None}
     metrics = Metrics()
+    # All cores per worker by default: lowest latency per request (benchmarks/load.py); 1 thread per worker
+    # trades that for a little throughput when every worker is busy.
+    threads = settings.serve.inference_threads or os.cpu_count() or 1
+    cv2.setNumThreads(threads)
     load_lock = threading.Lock()
 
     def detector() -> MaskDetector:
@@ -148,7 +152,7 @@ def create_app(settings: Settings | None = None, mask_detector: MaskDetector | N
             with load_lock:
                 if state["detector"] is None:
                     try:
-                        state["detector"] = MaskDetector.from_settings(settings, model_uri)
+                        state["detector"] = MaskDetector.from_settings(settings, model_uri, num_threads=threads)
                     except Exception as err:  # reported by /ready and as 503, never a crash
                         state["error"] = f"{type(err).__name__}: {err}"
                         log.exception("model or detector failed to load")

@@ -91,18 +91,16 @@ def test_exports_agree_with_keras(tiny_bundle, small_prepared, tmp_path):
         Predictor.from_path(tiny_bundle, "onnx")
 
 
-def test_live_page_draws_boxes_from_a_fake_camera(gunicorn_server, data_dir, tmp_path):
+def test_live_page_draws_boxes_from_a_fake_camera(playwright_session, gunicorn_server, data_dir, tmp_path):
     """Chromium's fake camera plays a .y4m built from data-set photos; the page draws labelled boxes."""
-    from playwright.sync_api import sync_playwright
-
     from conftest import CHROMIUM_ARGS
 
     photos = [data_dir / "images" / f"maksssksksss{n}.jpg" for n in (0, 1)]
     y4m = make_test_video(photos, tmp_path / "camera.y4m", frames_per_photo=30, y4m=True)
     args = CHROMIUM_ARGS + ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                             f"--use-file-for-fake-video-capture={y4m}"]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+    browser = playwright_session.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+    try:
         page = browser.new_page()
         page.goto(gunicorn_server + "/live")
         page.wait_for_function("() => JSON.parse(document.getElementById('overlay').dataset.labels || '[]').length > 0"
@@ -111,4 +109,5 @@ def test_live_page_draws_boxes_from_a_fake_camera(gunicorn_server, data_dir, tmp
         labels = json.loads(page.get_attribute("#overlay", "data-labels"))
         assert set(labels) <= {"with_mask", "without_mask", "mask_weared_incorrect"}
         page.screenshot(path=str(tmp_path / "live.png"))
+    finally:
         browser.close()
