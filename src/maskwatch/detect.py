@@ -370,8 +370,9 @@ def draw_detections(image: np.ndarray, detections: list[Detection], fps: float |
         scale = 0.35 * thickness
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         ty = max(y0, th + base + 2)
-        cv2.rectangle(canvas, (x0, ty - th - base - 2), (x0 + tw + 2, ty), colour, -1)
-        cv2.putText(canvas, text, (x0 + 1, ty - base - 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
+        tx = max(0, min(x0, canvas.shape[1] - tw - 2))  # keep the label inside the picture
+        cv2.rectangle(canvas, (tx, ty - th - base - 2), (tx + tw + 2, ty), colour, -1)
+        cv2.putText(canvas, text, (tx + 1, ty - base - 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
                     cv2.LINE_AA)
     if fps is not None:
         cv2.putText(canvas, f"{fps:.1f} FPS", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 0), 2, cv2.LINE_AA)
