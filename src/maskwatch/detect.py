@@ -6,7 +6,6 @@ Used by the API, the CLI and the video loop. Imports no training code.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
@@ -24,7 +23,6 @@ from maskwatch.bundle import ModelMetadata, apply_class_bias, bundle_paths, read
 from maskwatch.config import DetectorConfig, Settings
 from maskwatch.preprocessing import CropSpec, extract_faces, resize_face
 
-log = logging.getLogger(__name__)
 
 YUNET_FILE = "face_detection_yunet_2026may.onnx"
 YUNET_COMMIT = "47534e27c9851bb1128ccc0102f1145e27f23f98"

@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class JobResult:
     wall_seconds: float
 
 
-def champion_metrics_on(prepared: PreparedData, settings: Settings) -> callable:
+def champion_metrics_on(prepared: PreparedData, settings: Settings) -> Callable[[str], dict[str, float]]:
     """Evaluate a registered version on *this* test split, so the comparison is like for like."""
     import keras
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -20,7 +19,6 @@ from typing import Any, Callable, Iterator
 
 from maskwatch.config import Settings
 
-log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
 

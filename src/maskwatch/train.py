@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
@@ -13,10 +12,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from maskwatch.config import CLASS_NAMES, Settings
+from maskwatch.config import Settings
 from maskwatch.model import MaskDetectionModel, compile_model, unfreeze_top_layers
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -232,6 +230,3 @@ def plot_history(history: TrainingHistory, path: Path) -> Path:
     plt.close(fig)
     return path
 
-
-__all__ = ["CLASS_NAMES", "TrainingHistory", "train_model", "two_phase_training", "single_phase_training",
-           "build_datasets", "plot_history", "set_seeds"]
