@@ -516,6 +516,12 @@ def _cached_or_new_crops(faces: pd.DataFrame, spec: CropSpec, crops_dir: Path, s
 # ----------------------------------------------------------------------------- tf.data
 
 
+def label_indices(frame: pd.DataFrame, class_names=CLASS_NAMES) -> np.ndarray:
+    """Class indices (position in class_names) of the frame's `label` column."""
+    index = {name: i for i, name in enumerate(class_names)}
+    return frame["label"].map(index).to_numpy(dtype=np.int32)
+
+
 def class_weights(train_df: pd.DataFrame, power: float, class_names=CLASS_NAMES) -> dict[int, float]:
     """(n_max / n_class) ** power, normalised so the mean weight per training face is 1."""
     counts = train_df["label"].value_counts().reindex(list(class_names)).fillna(0).to_numpy(dtype=float)
@@ -568,8 +574,7 @@ def make_dataset(
     """(image float32 0..255, one-hot label) batches from the crops; augmentation on training data only."""
     import tensorflow as tf
 
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = frame["label"].map(index).to_numpy(dtype=np.int32)
+    labels = label_indices(frame, class_names)
     dataset = tf.data.Dataset.from_tensor_slices((frame["crop_path"].to_numpy(dtype=str), labels))
 
     def load(path, label):

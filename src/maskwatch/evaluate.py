@@ -117,9 +117,10 @@ def evaluate_model(model, test_df: pd.DataFrame, class_names=CLASS_NAMES, bootst
                    confidence_level: float = 0.95, class_log_bias=None) -> tuple[EvaluationResult, np.ndarray]:
     from maskwatch.bundle import apply_class_bias
 
-    index = {name: i for i, name in enumerate(class_names)}
+    from maskwatch.data import label_indices
+
     probabilities = apply_class_bias(predict_probabilities(model, test_df), class_log_bias)
-    y_true = test_df["label"].map(index).to_numpy()
+    y_true = label_indices(test_df, class_names)
     result = evaluate_predictions(y_true, probabilities, test_df["photo_id"].to_numpy(), class_names,
                                   bootstrap_samples, confidence_level)
     return result, probabilities

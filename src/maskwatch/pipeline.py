@@ -14,7 +14,7 @@ import numpy as np
 from maskwatch import tracking
 from maskwatch.bundle import ModelMetadata, read_metadata, save_bundle, write_metadata
 from maskwatch.config import CLASS_NAMES, Settings
-from maskwatch.data import PreparedData, class_counts_table, prepare_data
+from maskwatch.data import PreparedData, class_counts_table, label_indices, prepare_data
 from maskwatch.export import export_model
 from maskwatch.evaluate import (EvaluationResult, evaluate_model, format_summary, plot_confusion_matrix,
                                 predict_probabilities, tune_class_bias)
@@ -102,9 +102,7 @@ def _decision_bias(model, prepared: PreparedData, settings: Settings) -> list[fl
     """Tune the per-class decision bias on the validation split (never on test), if configured."""
     if settings.train.decision_bias == "none":
         return None
-    index = {name: i for i, name in enumerate(CLASS_NAMES)}
-    bias = tune_class_bias(predict_probabilities(model, prepared.val_df),
-                           prepared.val_df["label"].map(index).to_numpy())
+    bias = tune_class_bias(predict_probabilities(model, prepared.val_df), label_indices(prepared.val_df))
     tracking.log_params({"tuned_class_log_bias": bias})
     return bias
 

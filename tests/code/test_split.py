@@ -50,3 +50,10 @@ def test_class_weights_and_oversampling():
     assert class_weights(train, power=0.0) == {0: 1.0, 1: 1.0, 2: 1.0}
     grown = oversample(train, power=0.5, seed=0).label.value_counts()
     assert grown["with_mask"] == 100 and grown["without_mask"] == 50 and grown["mask_weared_incorrect"] == 20
+
+
+def test_label_indices_follow_class_order():
+    from maskwatch.data import label_indices
+
+    frame = pd.DataFrame({"label": ["without_mask", "mask_weared_incorrect", "with_mask"]})
+    assert label_indices(frame).tolist() == [1, 2, 0]
