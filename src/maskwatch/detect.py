@@ -108,10 +108,11 @@ def register_detector(name: str):
     return wrap
 
 
-def create_face_detector(config: DetectorConfig) -> FaceDetector:
+def create_face_detector(config: DetectorConfig, num_threads: int | None = None) -> FaceDetector:
+    """A registered detector; num_threads caps its CPU threads (None = all cores)."""
     if config.backend not in DETECTORS:
         raise ValueError(f"unknown face detector {config.backend!r}; known: {', '.join(sorted(DETECTORS))}")
-    return DETECTORS[config.backend](config)
+    return DETECTORS[config.backend](config, num_threads=num_threads)
 
 
 def nms(boxes: list[FaceBox], iou_threshold: float) -> list[FaceBox]:
@@ -122,13 +123,77 @@ def nms(boxes: list[FaceBox], iou_threshold: float) -> list[FaceBox]:
     return [boxes[i] for i in np.array(keep).ravel()]
 
 
-@register_detector("yunet")
-class YuNetDetector:
-    """OpenCV's YuNet, with an optional small-face mode (upscaled pass or upscaled tiles)."""
+YUNET_STRIDES = (8, 16, 32)
 
-    def __init__(self, config: DetectorConfig):
+
+def decode_yunet(outputs: dict[str, np.ndarray], padded_width: int, score_threshold: float) -> np.ndarray:
+    """YuNet's raw heads -> N x 15 rows (x, y, w, h, 5 landmarks, score) above the threshold, before NMS.
+
+    The same arithmetic as OpenCV's FaceDetectorYN (face_detect.cpp): per stride, anchor-free centre offsets,
+    log-size boxes, score = sqrt(cls * obj) with both clipped to [0, 1].
+    """
+    rows = []
+    for stride in YUNET_STRIDES:
+        cols = padded_width // stride
+        cls = np.clip(outputs[f"cls_{stride}"].reshape(-1), 0.0, 1.0)
+        obj = np.clip(outputs[f"obj_{stride}"].reshape(-1), 0.0, 1.0)
+        scores = np.sqrt(cls * obj)
+        keep = np.flatnonzero(scores >= score_threshold)
+        if keep.size == 0:
+            continue
+        grid_x, grid_y = (keep % cols).astype(np.float32), (keep // cols).astype(np.float32)
+        bbox = outputs[f"bbox_{stride}"].reshape(-1, 4)[keep]
+        kps = outputs[f"kps_{stride}"].reshape(-1, 10)[keep]
+        width, height = np.exp(bbox[:, 2]) * stride, np.exp(bbox[:, 3]) * stride
+        centre_x, centre_y = (grid_x + bbox[:, 0]) * stride, (grid_y + bbox[:, 1]) * stride
+        landmarks = np.empty_like(kps)
+        landmarks[:, 0::2] = (kps[:, 0::2] + grid_x[:, None]) * stride
+        landmarks[:, 1::2] = (kps[:, 1::2] + grid_y[:, None]) * stride
+        rows.append(np.column_stack([centre_x - width / 2, centre_y - height / 2, width, height, landmarks,
+                                     scores[keep]]))
+    return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 15), np.float32)
+
+
+class _YuNetOnnxRuntime:
+    """YuNet through onnxruntime: half the time of OpenCV 5.0's DNN on this model (benchmarks/load.py --variant)."""
+
+    def __init__(self, path: Path, config: DetectorConfig, num_threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # Idle pool threads must sleep, not spin: they would steal the cores the classifier runs on next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable models
+            raise DetectorModelError(f"onnxruntime cannot load YuNet model {path}: {err}") from err
+        self._input = self._session.get_inputs()[0].name
+        self._names = [output.name for output in self._session.get_outputs()]
         self.config = config
-        path = yunet_model_path(config)
+
+    def __call__(self, bgr: np.ndarray) -> np.ndarray:
+        height, width = bgr.shape[:2]
+        # The network wants sides that are multiples of 32: pad right and bottom with zeros, as OpenCV does.
+        padded_h, padded_w = -(-height // 32) * 32, -(-width // 32) * 32
+        blob = np.zeros((1, 3, padded_h, padded_w), np.float32)
+        blob[0, :, :height, :width] = bgr.transpose(2, 0, 1)
+        outputs = dict(zip(self._names, self._session.run(self._names, {self._input: blob})))
+        faces = decode_yunet(outputs, padded_w, self.config.score_threshold)
+        if len(faces) == 0:
+            return faces
+        # Integer boxes for NMS, as OpenCV does: the same faces survive as with cv2.FaceDetectorYN.
+        keep = cv2.dnn.NMSBoxes(faces[:, :4].astype(np.int32).tolist(), faces[:, 14].tolist(),
+                                self.config.score_threshold, self.config.nms_threshold, top_k=5000)
+        return faces[np.array(keep, dtype=int).ravel()]
+
+
+class _YuNetOpenCV:
+    """YuNet through cv2.FaceDetectorYN: the reference implementation."""
+
+    def __init__(self, path: Path, config: DetectorConfig):
         try:
             self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), config.score_threshold,
                                                   config.nms_threshold, 5000)
@@ -136,12 +201,25 @@ class YuNetDetector:
             raise DetectorModelError(f"OpenCV cannot load YuNet model {path}: {err}") from err
         self._lock = threading.Lock()  # the net holds per-call input size state
 
-    def _run(self, bgr: np.ndarray) -> np.ndarray:
+    def __call__(self, bgr: np.ndarray) -> np.ndarray:
         height, width = bgr.shape[:2]
         with self._lock:
             self._net.setInputSize((width, height))
             _, faces = self._net.detect(bgr)
         return faces if faces is not None else np.zeros((0, 15), np.float32)
+
+
+@register_detector("yunet")
+class YuNetDetector:
+    """OpenCV Zoo's YuNet, with an optional small-face mode (upscaled pass or upscaled tiles)."""
+
+    def __init__(self, config: DetectorConfig, num_threads: int | None = None):
+        self.config = config
+        path = yunet_model_path(config)
+        if config.engine == "onnxruntime":
+            self._run = _YuNetOnnxRuntime(path, config, num_threads or os.cpu_count() or 1)
+        else:
+            self._run = _YuNetOpenCV(path, config)
 
     def _view(self, bgr, x0, y0, scale) -> list[FaceBox]:
         view = bgr if scale == 1.0 else cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
@@ -167,6 +245,7 @@ class YuNetDetector:
         if shrink < 1.0:
             found = [FaceBox(tuple(int(round(v / shrink)) for v in f.box), f.score) for f in found]
         found = nms(found, cfg.nms_threshold)
+        found = [FaceBox(adjust_box(f.box, cfg.box_adjust), f.score) for f in found]
         return _clip_and_filter(found, width, height, cfg.min_face_size)
 
     def _tiles(self, bgr: np.ndarray) -> list[FaceBox]:
@@ -184,11 +263,23 @@ class YuNetDetector:
 class FullFrameDetector:
     """The whole image is one face: for photos that are already face crops."""
 
-    def __init__(self, config: DetectorConfig):
+    def __init__(self, config: DetectorConfig, num_threads: int | None = None):
         self.config = config
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:
         return [FaceBox((0, 0, image.shape[1], image.shape[0]), 1.0)]
+
+
+def adjust_box(box, adjust: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """Shift the centre by (dx * w, dy * h) and scale the size by (sw, sh); rounded to whole pixels."""
+    dx, dy, sw, sh = adjust
+    if (dx, dy, sw, sh) == (0.0, 0.0, 1.0, 1.0):
+        return tuple(int(v) for v in box)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = x1 - x0, y1 - y0
+    cx, cy = (x0 + x1) / 2 + dx * w, (y0 + y1) / 2 + dy * h
+    return (int(round(cx - sw * w / 2)), int(round(cy - sh * h / 2)),
+            int(round(cx + sw * w / 2)), int(round(cy + sh * h / 2)))
 
 
 def _clip_and_filter(found: list[FaceBox], width: int, height: int, min_size: int) -> list[FaceBox]:
@@ -233,6 +324,9 @@ class Predictor:
         """faces: N x S x S x 3 uint8 RGB (already through the stem) -> N x C probabilities."""
         if len(faces) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
+        size = self.metadata.input_size
+        if np.shape(faces)[1:] != (size, size, 3):
+            raise ValueError(f"faces must be N x {size} x {size} x 3 (this model's input), not {np.shape(faces)}")
         return apply_class_bias(self._infer(np.asarray(faces, dtype=np.float32)), self.class_log_bias)
 
     def classify_crops(self, crops: list[np.ndarray]) -> np.ndarray:
@@ -333,9 +427,9 @@ class MaskDetector:
     @classmethod
     def from_settings(cls, settings: Settings, model_uri: str | None = None,
                       num_threads: int | None = None) -> "MaskDetector":
-        uri = model_uri or settings.serve.model_uri or (
-            f"models:/{settings.tracking.registered_model_name}@{settings.tracking.champion_alias}")
-        return cls(Predictor.from_uri(uri, settings, num_threads=num_threads), create_face_detector(settings.detector))
+        uri = model_uri or settings.serve.model_uri or settings.champion_uri
+        return cls(Predictor.from_uri(uri, settings, num_threads=num_threads),
+                   create_face_detector(settings.detector, num_threads))
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """RGB uint8 photo -> one Detection per face, all faces classified in one batch."""

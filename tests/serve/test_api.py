@@ -41,7 +41,7 @@ def test_health_ready_and_model(client):
     assert client.get("/ready").get_json() == {"ready": True}
     info = client.get("/v1/model").get_json()
     assert info["classes"] == ["with_mask", "without_mask", "mask_weared_incorrect"]
-    assert info["version"] == "test" and info["input_size"] == 224 and info["test_metrics"]["test_macro_f1"] == 0.5
+    assert info["version"] == "test" and info["input_size"] == 160 and info["test_metrics"]["test_macro_f1"] == 0.5
 
 
 def check_detections(body, width, height, minimum):
@@ -176,10 +176,11 @@ def test_missing_model_starts_but_is_not_ready(tmp_path, serve_settings):
     assert_error(client.post("/v1/predict", data=b"\xff\xd8\xff", content_type="image/jpeg"), 503, "not_ready")
 
 
-def test_missing_or_corrupt_detector_is_a_clear_error(tmp_path, serve_settings):
+@pytest.mark.parametrize("engine", ["onnxruntime", "opencv"])
+def test_missing_or_corrupt_detector_is_a_clear_error(tmp_path, serve_settings, engine):
     from maskwatch.detect import DetectorModelError, create_face_detector
 
-    config = serve_settings.detector.model_copy(update={"model_path": tmp_path / "none.onnx"})
+    config = serve_settings.detector.model_copy(update={"model_path": tmp_path / "none.onnx", "engine": engine})
     with pytest.raises(DetectorModelError, match="does not exist"):
         create_face_detector(config)
     corrupt = tmp_path / "face_detection_yunet_2026may.onnx"
