@@ -130,21 +130,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def gunicorn_server(tiny_bundle, tmp_path_factory):
-    """`maskwatch serve` (gunicorn, 2 workers) on a free localhost port."""
+def start_maskwatch_serve(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
+    """`maskwatch serve ARGS --port P` (gunicorn, 2 workers), waited on until both workers answer /ready.
+
+    Returns (url, process); the caller stops it with stop_server.
+    """
     import subprocess
     import sys
     import time
     import urllib.request
 
     port = free_port()
-    log = tmp_path_factory.mktemp("gunicorn") / "server.log"
-    env = {**os.environ, "MASKWATCH_YUNET_PATH": str(YUNET_PATH)}
+    env = {**os.environ, "MASKWATCH_YUNET_PATH": str(YUNET_PATH), **(env or {})}
     with open(log, "w") as handle:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "maskwatch"), "serve", "--model", str(tiny_bundle),
-                                 "--port", str(port), "--workers", "2"], stdout=handle, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "maskwatch"), "serve", *args, "--port", str(port),
+                                 "--workers", "2"], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline, ready_answers = time.time() + 180, 0
     while time.time() < deadline and ready_answers < 6:  # both workers have loaded the model
@@ -156,11 +157,23 @@ def gunicorn_server(tiny_bundle, tmp_path_factory):
         if proc.poll() is not None:
             break
     if ready_answers < 6:
-        proc.kill()
+        stop_server(proc)
         pytest.fail(f"gunicorn did not become ready:\n{log.read_text()[-3000:]}")
-    yield url
-    os.killpg(proc.pid, 15)
+    return url, proc
+
+
+def stop_server(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def gunicorn_server(tiny_bundle, tmp_path_factory):
+    """`maskwatch serve` (gunicorn, 2 workers) on a free localhost port."""
+    url, proc = start_maskwatch_serve(["--model", str(tiny_bundle)], tmp_path_factory.mktemp("gunicorn") / "server.log")
+    yield url
+    stop_server(proc)
 
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

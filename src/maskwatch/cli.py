@@ -135,16 +135,17 @@ def evaluate(model: ModelOpt = None,
 
     from maskwatch import tracking
     from maskwatch.bundle import bundle_paths, read_metadata
-    from maskwatch.data import prepare_data
+    from maskwatch.data import data_config_for, prepare_data
     from maskwatch.evaluate import evaluate_model, format_summary
 
     settings = _settings(config, preset, set_, data_dir, tracking_uri, work_dir)
-    uri = model or f"models:/{settings.tracking.registered_model_name}@{settings.tracking.champion_alias}"
+    uri = model or settings.champion_uri
     try:
         bundle = tracking.resolve_model_uri(uri, settings)
         model_file, _ = bundle_paths(bundle)
         if not model_file.is_file():
             raise FileNotFoundError(f"no model at {model_file}")
+        settings.data = data_config_for(settings.data, read_metadata(bundle).crop_spec)
         prepared, _ = prepare_data(settings)
     except _known_errors() as error:
         _fail(str(error))
@@ -270,11 +271,27 @@ def serve(model: ModelOpt = None,
     if dev:
         create_app(settings, model_uri=model).run(host=bind_host, port=bind_port, threaded=True)
         return
-    with tempfile.TemporaryDirectory(prefix="maskwatch-metrics-") as metrics_dir:
+    with tempfile.TemporaryDirectory(prefix="maskwatch-serve-") as run_dir:
+        # Resolved once here, not by every worker: workers load a local bundle and never race on the registry.
+        bundle = _resolve_bundle(settings, model or settings.serve.model_uri or settings.champion_uri,
+                                 Path(run_dir) / "model")
         settings.serve.workers = workers or settings.serve.workers  # workers size their thread slice from it
         command = gunicorn_command(f"{bind_host}:{bind_port}", settings.serve.workers)
-        err(f"serving on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")
-        raise typer.Exit(subprocess.call(command, env=serve_environment(settings, model, metrics_dir)))
+        err(f"serving {bundle} on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")
+        metrics_dir = Path(run_dir) / "metrics"
+        metrics_dir.mkdir()
+        raise typer.Exit(subprocess.call(command, env=serve_environment(settings, str(bundle), str(metrics_dir))))
+
+
+def _resolve_bundle(settings: Settings, uri: str, destination: Path) -> Path:
+    from maskwatch import tracking
+
+    try:
+        return tracking.resolve_model_uri(uri, settings, destination)
+    except _known_errors() as error:
+        _fail(str(error))
+    except Exception as error:  # MLflow's own errors for an unknown model or alias
+        _fail(f"cannot load model {uri}: {error}")
 
 
 @app.command()
@@ -311,7 +328,8 @@ def export_command(
         work_dir: WorkDirOpt = None) -> None:
     """Export the classifier for fast inference (LiteRT float/int8, ONNX) into the model bundle."""
     from maskwatch import tracking
-    from maskwatch.data import prepare_data
+    from maskwatch.bundle import read_metadata
+    from maskwatch.data import data_config_for, prepare_data
     from maskwatch.export import EXPORT_FILES, export_model, parity_report
 
     formats = formats or list(EXPORT_FILES)
@@ -319,9 +337,10 @@ def export_command(
     if unknown:
         _fail(f"unknown format(s) {unknown}; choose from {', '.join(EXPORT_FILES)}")
     settings = _settings(config, "full", set_, data_dir, tracking_uri, work_dir)
-    uri = model or f"models:/{settings.tracking.registered_model_name}@{settings.tracking.champion_alias}"
+    uri = model or settings.champion_uri
     try:
         bundle = tracking.resolve_model_uri(uri, settings)
+        settings.data = data_config_for(settings.data, read_metadata(bundle).crop_spec)
         prepared, _ = prepare_data(settings)
     except _known_errors() as error:
         _fail(str(error))

@@ -195,6 +195,15 @@ def _client():
     return _mlflow().MlflowClient()
 
 
+def registry_version(uri: str) -> str:
+    """models:/name/3 -> "3"; models:/name@alias -> the version that holds the alias now."""
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    return version
+
+
 def champion_version(name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
@@ -220,6 +229,9 @@ def download_model(uri: str, destination: Path | None = None) -> Path:
         keras_files[0].rename(bundle_dir / "model.keras")
     metadata = dict(mlmodel.metadata or {})
     metadata.setdefault("run_id", mlmodel.run_id)
+    # The version is only known after logging, so the logged metadata lacks it: ask the registry.
+    if uri.startswith("models:/"):
+        metadata["model_version"] = registry_version(uri)
     (bundle_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
     return bundle_dir
 
@@ -240,11 +252,11 @@ def attach_to_registered_model(uri: str, settings: Settings, files: list[Path]) 
     return run_id
 
 
-def resolve_model_uri(uri: str, settings: Settings) -> Path:
+def resolve_model_uri(uri: str, settings: Settings, destination: Path | None = None) -> Path:
     """models:/name@alias, models:/name/3, runs:/id/model -> local bundle folder; paths pass through."""
     if uri.startswith(("models:/", "runs:/")):
         configure(settings)
-        return download_model(uri)
+        return download_model(uri, destination)
     return Path(uri)
 
 
