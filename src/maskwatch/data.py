@@ -271,7 +271,7 @@ def _natural_key(path: Path):
 def photo_strata(faces: pd.DataFrame) -> pd.Series:
     """One stratum per photo: the rarest class it holds."""
     rank = {name: i for i, name in enumerate(STRATUM_ORDER)}
-    return faces.groupby("photo_id")["label"].agg(lambda labels: min(labels, key=lambda l: rank.get(l, 99)))
+    return faces.groupby("photo_id")["label"].agg(lambda labels: min(labels, key=lambda label: rank.get(label, 99)))
 
 
 def split_by_photo(
@@ -476,6 +476,19 @@ def prepare_data(settings: Settings, source_dir: Path | None = None) -> tuple[Pr
     prepared.report = write_data_report(prepared, scan, settings.work_dir / "reports" / "data")
     with_split.to_csv(settings.work_dir / "reports" / "data" / "splits.csv", index=False)
     return prepared, scan
+
+
+def data_config_for(data: DataConfig, spec: CropSpec) -> DataConfig:
+    """The data settings with a model's own crop spec, so a model is always fed crops made the way it was trained."""
+    return data.model_copy(update={"crop_margin": spec.margin, "square_crops": spec.square,
+                                   "image_size": spec.size, "resize_interpolation": spec.interpolation})
+
+
+def crops_with_spec(faces: pd.DataFrame, spec: CropSpec, work_dir: Path) -> pd.DataFrame:
+    """The same faces (photos, boxes, labels, split) cropped with another crop spec, e.g. a registered model's."""
+    key = hashlib.sha256(json.dumps([sorted(faces["image_path"].unique().tolist()), spec.to_dict()],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    return _cached_or_new_crops(faces, spec, work_dir / "crops" / f"faces-{key}", ScanResult(faces.iloc[:0]))
 
 
 def _crops_key(source: Path, spec: CropSpec, max_photos: int | None, seed: int) -> str:

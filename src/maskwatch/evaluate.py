@@ -252,6 +252,37 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
     }
 
 
+def fit_box_adjustment(face_detector, faces: pd.DataFrame, min_iou: float = 0.3,
+                       progress: bool = True) -> dict:
+    """How a detector's boxes differ from the annotated ones: median centre shift and scale over matched faces.
+
+    Run the detector with raw boxes (box_adjust = (0, 0, 1, 1)) on the photos of `faces` (the training split),
+    pair each annotated face with its best-overlapping detection (IoU > min_iou), and return the medians as
+    detector.box_adjust values (dx, dy, sw, sh) with the number of pairs they rest on.
+    """
+    from tqdm.auto import tqdm
+
+    from maskwatch.preprocessing import read_image
+
+    truth_boxes, found_boxes = [], []
+    for image_path, truth in tqdm(list(faces.groupby("image_path", sort=True)), desc="fitting boxes", unit="photo",
+                                  disable=not progress):
+        found = np.array([face.box for face in face_detector.detect(read_image(image_path))], float).reshape(-1, 4)
+        for box in truth[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=float):
+            overlaps = _iou(box, found)
+            if overlaps.size and overlaps.max() > min_iou:
+                truth_boxes.append(box)
+                found_boxes.append(found[int(overlaps.argmax())])
+    if not truth_boxes:
+        raise ValueError("no annotated face overlaps a detection: nothing to fit")
+    truth, found = np.array(truth_boxes), np.array(found_boxes)
+    found_w, found_h = found[:, 2] - found[:, 0], found[:, 3] - found[:, 1]
+    dx = ((truth[:, 0] + truth[:, 2]) - (found[:, 0] + found[:, 2])) / 2 / found_w
+    dy = ((truth[:, 1] + truth[:, 3]) - (found[:, 1] + found[:, 3])) / 2 / found_h
+    sw, sh = (truth[:, 2] - truth[:, 0]) / found_w, (truth[:, 3] - truth[:, 1]) / found_h
+    return {"box_adjust": [round(float(np.median(v)), 3) for v in (dx, dy, sw, sh)], "pairs": len(truth)}
+
+
 def format_detection_summary(metrics: dict) -> str:
     lines = [f"photos: {metrics['photos']}   faces: {metrics['faces']}   mAP@{metrics['iou_threshold']}: "
              f"{metrics['map50']:.3f}   face recall: {metrics['face_recall']:.3f}   "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from maskwatch.config import CLASS_NAMES
@@ -11,7 +12,7 @@ from maskwatch.config import CLASS_NAMES
 class MaskDetectionModel:
     """Builds the functional model; pixel scaling to [-1, 1] is inside it so serving cannot drift."""
 
-    image_size: int = 224
+    image_size: int = 160
     num_classes: int = len(CLASS_NAMES)
     dense_units: int = 512
     dropout: float = 0.5
@@ -25,9 +26,11 @@ class MaskDetectionModel:
         inputs = keras.Input(shape=(self.image_size, self.image_size, 3), name="image")
         # MobileNetV2 expects [-1, 1]; the model takes raw 0..255 RGB pixels.
         scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_pixels")(inputs)
-        base_model = keras.applications.MobileNetV2(
-            input_shape=(self.image_size, self.image_size, 3), include_top=False, weights=self.weights
-        )
+        # No input_shape: the base is fully convolutional and Keras loads the 224 ImageNet weights (the one
+        # file it ships for include_top=False at any size), so image_size is free (e.g. 160 for small faces).
+        with warnings.catch_warnings():  # "weights for (224, 224) will be loaded": exactly what is wanted
+            warnings.filterwarnings("ignore", message=".*will be loaded as the default")
+            base_model = keras.applications.MobileNetV2(include_top=False, weights=self.weights)
         base_model.trainable = False
         features = base_model(scaled, training=False)
         pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)

@@ -14,7 +14,7 @@ import numpy as np
 from maskwatch import tracking
 from maskwatch.bundle import ModelMetadata, read_metadata, save_bundle, write_metadata
 from maskwatch.config import CLASS_NAMES, Settings
-from maskwatch.data import PreparedData, class_counts_table, label_indices, prepare_data
+from maskwatch.data import PreparedData, class_counts_table, crops_with_spec, label_indices, prepare_data
 from maskwatch.export import export_model
 from maskwatch.evaluate import (EvaluationResult, evaluate_model, format_summary, plot_confusion_matrix,
                                 predict_probabilities, tune_class_bias)
@@ -41,9 +41,12 @@ def champion_metrics_on(prepared: PreparedData, settings: Settings) -> Callable[
     def metrics_for(version: str) -> dict[str, float]:
         bundle = tracking.download_model(f"models:/{settings.tracking.registered_model_name}/{version}")
         model = keras.models.load_model(bundle / "model.keras")
-        bias = read_metadata(bundle).thresholds.get("class_log_bias")
-        result, _ = evaluate_model(model, prepared.test_df, bootstrap_samples=settings.evaluate.bootstrap_samples,
-                                   class_log_bias=bias)
+        metadata = read_metadata(bundle)
+        # The same test faces, cropped the way *that* model was trained (its size or margin may differ).
+        test_df = prepared.test_df if metadata.crop_spec == prepared.crop_spec else crops_with_spec(
+            prepared.test_df, metadata.crop_spec, settings.work_dir)
+        result, _ = evaluate_model(model, test_df, bootstrap_samples=settings.evaluate.bootstrap_samples,
+                                   class_log_bias=metadata.thresholds.get("class_log_bias"))
         return {"macro_f1": result.macro_f1, "accuracy": result.accuracy, **result.flat_metrics(prefix="")}
 
     return metrics_for

@@ -38,7 +38,7 @@ class CropSpec:
 
     margin: float = 0.15
     square: bool = True
-    size: int = 224
+    size: int = 160
     interpolation: str = "cubic"
 
     def to_dict(self) -> dict:

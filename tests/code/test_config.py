@@ -12,7 +12,7 @@ def test_defaults_are_the_recipe():
     assert (s.train.phase2_epochs, s.train.phase2_learning_rate) == (10, 1e-5)
     assert s.train.fine_tune_last_layers == 30
     assert s.train.single_phase_epochs == 30
-    assert (s.data.image_size, s.train.dense_units, s.train.dropout) == (224, 512, 0.5)
+    assert (s.data.image_size, s.train.dense_units, s.train.dropout) == (160, 512, 0.5)
 
 
 def test_precedence_yaml_env_cli(tmp_path):

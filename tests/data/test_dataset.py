@@ -64,7 +64,7 @@ def test_prepare_writes_crops_report_and_reuses_cache(small_prepared, settings_f
     assert len(faces) >= 30
     assert {"crop_path", "label", "photo_id", "xmin", "ymin", "xmax", "ymax", "split"} <= set(faces.columns)
     first = read_image(faces.crop_path.iloc[0])
-    assert first.shape == (224, 224, 3)
+    assert first.shape == (160, 160, 3)
     report_dir = prepared.output_dir.parents[1] / "reports" / "data"
     report = json.loads((report_dir / "data_report.json").read_text())
     assert report["faces_kept"] == len(faces) and report["data_hash"] == prepared.data_hash

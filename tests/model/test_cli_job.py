@@ -52,3 +52,43 @@ def test_models_list_and_promote(trained):
     assert ok.returncode == 0 and "@champion" in ok.stdout
     bad = subprocess.run([MASKWATCH, "models", "promote", "7"], capture_output=True, text=True, env=env, cwd=work)
     assert bad.returncode == 2 and "no version 7" in bad.stderr
+
+
+def test_serve_loads_the_champion_from_the_registry_once(trained):
+    """Two gunicorn workers serve models:/maskwatch@champion; the registry is read once, before they start."""
+    import urllib.request
+
+    from conftest import start_maskwatch_serve, stop_server
+
+    work, env, _, _ = trained
+    url, proc = start_maskwatch_serve([], work / "serve.log", env=env, cwd=work)
+    try:
+        with urllib.request.urlopen(url + "/v1/model", timeout=10) as response:
+            info = json.loads(response.read())
+    finally:
+        stop_server(proc)
+    assert info["version"] == "1" and info["name"] == "maskwatch" and len(info["run_id"]) == 32
+    log = (work / "serve.log").read_text()
+    assert "Traceback" not in log and "serving /" in log, log[-2000:]  # workers got a local bundle
+
+
+def test_serve_with_an_unknown_model_fails_before_starting(trained):
+    work, env, _, _ = trained
+    out = subprocess.run([MASKWATCH, "serve", "--model", "models:/maskwatch@nobody", "--port", "9"],
+                         capture_output=True, text=True, env=env, cwd=work, timeout=120)
+    assert out.returncode == 2 and "models:/maskwatch@nobody" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_gate_compares_models_trained_at_different_input_sizes(trained):
+    """A challenger trained at 96 px is compared with the 160 px champion on the same test faces, each model
+    fed crops made its own way; evaluate and export also follow the model's crop spec, not the settings."""
+    work, env, args, _ = trained
+    small = [*args, "--set", "data.image_size=96"]
+    out = subprocess.run([MASKWATCH, "train", *small], capture_output=True, text=True, timeout=600, env=env, cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "registry: version 2" in out.stdout and "vs champion v1" in out.stdout, out.stdout[-1500:]
+    for version, extra in (("1", small), ("2", args)):  # the settings name the other model's input size
+        ev = subprocess.run([MASKWATCH, "evaluate", "--json", "--model", f"models:/maskwatch/{version}", *extra],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=work)
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        assert 0 <= json.loads(ev.stdout)["macro_f1"] <= 1

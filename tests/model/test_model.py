@@ -23,13 +23,13 @@ def real_batch(prepared, n=8):
 
 def test_architecture_and_output(built):
     model, base = built
-    assert model.input_shape == (None, 224, 224, 3) and model.output_shape == (None, 3)
+    assert model.input_shape == (None, 160, 160, 3) and model.output_shape == (None, 3)
     assert base.name.startswith("mobilenetv2") and base in model.layers
     head = [layer.__class__.__name__ for layer in model.layers[model.layers.index(base) + 1:]]
     assert head == ["GlobalAveragePooling2D", "Dense", "BatchNormalization", "Dropout", "Dense"]
     assert model.layers[-1].units == 3 and model.get_layer("dense").units == 512
     assert model.get_layer("dropout").rate == 0.5
-    probabilities = model(np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype("float32"))
+    probabilities = model(np.random.default_rng(0).uniform(0, 255, (2, 160, 160, 3)).astype("float32"))
     assert np.allclose(probabilities.numpy().sum(axis=1), 1.0, atol=1e-5)
 
 

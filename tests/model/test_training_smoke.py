@@ -46,12 +46,12 @@ def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory):
                      "data_report/face_sizes.png", "config.yaml", "promotion.json", "model/data/model_float.tflite"):
         assert expected in artifacts, expected
     model_info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
-    assert model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 224, 224, 3)
+    assert model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 160, 160, 3)
     assert model_info.metadata["class_names"] == ["with_mask", "without_mask", "mask_weared_incorrect"]
     version = client.get_model_version_by_alias("maskwatch", "champion")
     assert str(version.version) == "1" and version.run_id == result.run_id
     bundle_meta = json.loads((result.bundle_dir / "metadata.json").read_text())
-    assert bundle_meta["model_version"] == "1" and bundle_meta["crop"]["size"] == 224
+    assert bundle_meta["model_version"] == "1" and bundle_meta["crop"]["size"] == 160
     assert bundle_meta["exports"] == {"litert": "model_float.tflite"}
 
     # The registered champion serves straight from the registry, with the LiteRT export logged beside it.

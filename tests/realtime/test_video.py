@@ -73,20 +73,34 @@ def test_webcam_command_headless(tiny_bundle, test_video, yunet_path, tmp_path):
 def test_exports_agree_with_keras(tiny_bundle, small_prepared, tmp_path):
     import shutil
 
+    from maskwatch.bundle import read_metadata
     from maskwatch.detect import Predictor
     from maskwatch.export import export_model, parity_report
+    from maskwatch.preprocessing import read_image
 
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
     results = export_model(bundle, ["litert", "litert_int8", "onnx"], small_prepared.train_df)
     assert {r.runtime for r in results} == {"litert", "litert_int8", "onnx"}
     assert all(r.size_bytes > 1e6 for r in results)
     report = parity_report(bundle, small_prepared.test_df, ["litert", "litert_int8", "onnx"])
-    assert report["litert"]["agreement"] >= 0.99 and report["litert"]["max_abs_diff"] < 1e-4
-    assert report["onnx"]["agreement"] >= 0.99 and report["onnx"]["max_abs_diff"] < 1e-4
-    assert report["litert_int8"]["agreement"] >= 0.8
-    crops = np.zeros((3, 224, 224, 3), np.uint8)
+    assert report["litert"]["max_abs_diff"] < 1e-4 and report["onnx"]["max_abs_diff"] < 1e-4
+    # A briefly trained model has near-ties, where any rounding may flip the class: judge decisions on the
+    # crops Keras is clear about (float: any visible margin; int8: a margin of 0.2).
+    crops = np.stack([read_image(path) for path in small_prepared.test_df["crop_path"]])
+    reference = Predictor.from_path(bundle, "keras").predict_inputs(crops)
+    top_two = np.sort(reference, axis=1)[:, -2:]
+    margin = top_two[:, 1] - top_two[:, 0]
+    for runtime, clear_margin, wanted in (("litert", 1e-3, 1.0), ("onnx", 1e-3, 1.0), ("litert_int8", 0.2, 0.9)):
+        probabilities = Predictor.from_path(bundle, runtime).predict_inputs(crops)
+        clear = margin >= clear_margin
+        agreement = (probabilities.argmax(1) == reference.argmax(1))[clear].mean()
+        assert clear.sum() >= 10 and agreement >= wanted, (runtime, int(clear.sum()), agreement, report[runtime])
+    size = read_metadata(bundle).input_size
     for runtime in ("litert", "onnx"):
-        assert Predictor.from_path(bundle, runtime).predict_inputs(crops).shape == (3, 3)
+        predictor = Predictor.from_path(bundle, runtime)
+        assert predictor.predict_inputs(np.zeros((3, size, size, 3), np.uint8)).shape == (3, 3)
+        with pytest.raises(ValueError, match="this model's input"):
+            predictor.predict_inputs(np.zeros((3, size + 64, size + 64, 3), np.uint8))
     with pytest.raises(FileNotFoundError, match="maskwatch export"):
         Predictor.from_path(tiny_bundle, "onnx")
 
