@@ -64,13 +64,15 @@ def letterboxed_photo(photo: Path, size=(640, 480)) -> bytes:
 
 
 @contextmanager
-def gunicorn(model: str, runtime: str, workers: int, extra_env: dict | None = None):
-    """`maskwatch serve` on a free port; yields (url, server process)."""
+def gunicorn(model: str, runtime: str, workers: int, extra_env: dict | None = None,
+             overrides: list[str] | None = None):
+    """`maskwatch serve` on a free port (`overrides`: section.key=value settings); yields (url, server process)."""
     port = free_port()
     env = {**os.environ, **(extra_env or {})}
     log = open(REPO / "benchmarks" / "results" / f"server-{port}.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "maskwatch"), "serve", "--model", model, "--runtime",
-                             runtime, "--port", str(port), "--workers", str(workers)], stdout=log,
+                             runtime, "--port", str(port), "--workers", str(workers),
+                             *(arg for pair in overrides or [] for arg in ("--set", pair))], stdout=log,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     ready, deadline = 0, time.time() + 240

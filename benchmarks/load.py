@@ -1,15 +1,19 @@
 """HTTP load against gunicorn: throughput and p50/p99 latency at several concurrencies, time split by stage.
 
     python benchmarks/load.py --runtime litert --concurrency 1 8 32 --seconds 20
+    # alternatives in one run, each a label and its settings:
+    python benchmarks/load.py --variant "opencv-yunet:detector.engine=opencv" --variant "ort-yunet:"
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +69,28 @@ def hammer(url: str, body: bytes, concurrency: int, seconds: float) -> dict:
     }
 
 
+def faces_found(url: str, body: bytes) -> int:
+    request = urllib.request.Request(url + "/v1/predict", data=body, headers={"Content-Type": "image/jpeg"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return len(json.loads(response.read())["detections"])
+
+
+def configurations(runtimes: list[str], variants: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(runtime, label, overrides) for each runtime, crossed with each variant when there are any."""
+    parsed = []
+    for variant in variants or [":"]:
+        label, _, settings = variant.partition(":")
+        parsed.append((label or "default", [pair for pair in settings.split(",") if pair]))
+    return [(runtime, label, overrides) for label, overrides in parsed for runtime in runtimes]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=default_model())
+    parser.add_argument("--model", nargs="+", default=[default_model()], help="one or more models to compare")
     parser.add_argument("--runtime", nargs="+", default=["litert"])
+    parser.add_argument("--variant", action="append", default=[],
+                        help="LABEL:section.key=value,... a server configuration to measure (repeatable); "
+                             "with variants, --runtime picks the runtime of each")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -78,18 +100,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     body = letterboxed_photo(args.photo)
     rows = []
-    for runtime in args.runtime:
-        with gunicorn(args.model, runtime, args.workers) as (url, _):
-            faces = len(json.loads(__import__("urllib.request").request.urlopen(
-                __import__("urllib.request").request.Request(url + "/v1/predict", data=body,
-                                                             headers={"Content-Type": "image/jpeg"})).read())
-                        ["detections"])
+    for model, (runtime, label, overrides) in itertools.product(args.model,
+                                                                configurations(args.runtime, args.variant)):
+        with gunicorn(model, runtime, args.workers, overrides=overrides) as (url, _):
+            faces = faces_found(url, body)
             hammer(url, body, 2, 3.0)  # warm-up
             for concurrency in args.concurrency:
-                rows.append({"runtime": runtime, "workers": args.workers, "faces": faces,
-                             **hammer(url, body, concurrency, args.seconds)})
-    print_table(rows, ["runtime", "workers", "faces", "concurrency", "requests", "photos_per_s", "p50_ms", "p99_ms",
-                       "decode_ms", "detect_ms", "classify_ms", "errors"])
+                rows.append({"model": model, "variant": label, "runtime": runtime, "workers": args.workers,
+                             "faces": faces, **hammer(url, body, concurrency, args.seconds)})
+    print_table(rows, ["model", "variant", "runtime", "workers", "faces", "concurrency", "requests", "photos_per_s",
+                       "p50_ms", "p99_ms", "decode_ms", "detect_ms", "classify_ms", "errors"])
     write_json(args.out, {"photo": str(args.photo.name), "size": "640x480", "rows": rows})
 
 

@@ -1,6 +1,7 @@
 """Classifier latency per runtime (batch 1 and 8) and end-to-end FPS on 640x480 video with 1, 3 and 10 faces.
 
     python benchmarks/runtimes.py --model models:/maskwatch@champion
+    python benchmarks/runtimes.py --model models:/maskwatch/1 models:/maskwatch/4   # two models in one run
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ RUNTIMES = ["keras", "litert", "litert_int8", "onnx"]
 
 
 def per_face_latency(predictor, batch: int, calls: int) -> float:
-    faces = np.random.default_rng(0).integers(0, 255, (batch, 224, 224, 3), dtype=np.uint8)
+    size = predictor.metadata.input_size
+    faces = np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8)
     for _ in range(5):
         predictor.predict_inputs(faces)
     times = []
@@ -34,7 +36,7 @@ def keras_predict_latency(model_file: Path, batch: int, calls: int) -> float:
     import keras
 
     model = keras.models.load_model(model_file, compile=False)
-    faces = np.random.default_rng(0).integers(0, 255, (batch, 224, 224, 3)).astype(np.float32)
+    faces = np.random.default_rng(0).integers(0, 255, (batch, *model.input_shape[1:])).astype(np.float32)
     for _ in range(3):
         model.predict(faces, verbose=0)
     times = []
@@ -63,7 +65,7 @@ def photos_with_faces(face_detector, counts: list[int], limit: int = 853) -> dic
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=default_model())
+    parser.add_argument("--model", nargs="+", default=[default_model()])
     parser.add_argument("--runtimes", nargs="+", default=RUNTIMES)
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--frames", type=int, default=90)
@@ -77,18 +79,20 @@ def main(argv=None):
     from maskwatch.tracking import resolve_model_uri
 
     settings = load_settings()
-    bundle = resolve_model_uri(args.model, settings)
-    latency_rows = []
-    for batch in (1, 8):
-        latency_rows.append({"runtime": "keras model.predict", "batch": batch,
-                             "ms_per_call": (ms := keras_predict_latency(bundle_paths(bundle)[0], batch, 20)),
-                             "ms_per_face": ms / batch})
-    predictors = {runtime: Predictor.from_path(bundle, runtime) for runtime in args.runtimes}
-    for runtime, predictor in predictors.items():
+    latency_rows, predictors = [], {}
+    for uri in args.model:
+        bundle = resolve_model_uri(uri, settings)
         for batch in (1, 8):
-            ms = per_face_latency(predictor, batch, args.calls)
-            latency_rows.append({"runtime": runtime, "batch": batch, "ms_per_call": ms, "ms_per_face": ms / batch})
-    print_table(latency_rows, ["runtime", "batch", "ms_per_call", "ms_per_face"])
+            ms = keras_predict_latency(bundle_paths(bundle)[0], batch, 20)
+            latency_rows.append({"model": uri, "runtime": "keras model.predict", "batch": batch, "ms_per_call": ms,
+                                 "ms_per_face": ms / batch})
+        for runtime in args.runtimes:
+            predictor = predictors[uri, runtime] = Predictor.from_path(bundle, runtime)
+            for batch in (1, 8):
+                ms = per_face_latency(predictor, batch, args.calls)
+                latency_rows.append({"model": uri, "input": predictor.metadata.input_size, "runtime": runtime,
+                                     "batch": batch, "ms_per_call": ms, "ms_per_face": ms / batch})
+    print_table(latency_rows, ["model", "input", "runtime", "batch", "ms_per_call", "ms_per_face"])
 
     face_detector = create_face_detector(settings.detector)
     photos = photos_with_faces(face_detector, [1, 3, 10])
@@ -96,13 +100,14 @@ def main(argv=None):
     for faces, photo in sorted(photos.items()):
         video = make_test_video([photo], REPO / "benchmarks" / "results" / f"video_{faces}_faces.mp4",
                                 frames_per_photo=args.frames)
-        for runtime, predictor in predictors.items():
+        for (uri, runtime), predictor in predictors.items():
             summary = run_video(MaskDetector(predictor, face_detector), str(video), display=False)
-            fps_rows.append({"faces": faces, "photo": photo.name, "runtime": runtime, "fps": summary.fps,
-                             **{f"{k}_ms": v for k, v in summary.stage_ms.items()}})
+            fps_rows.append({"faces": faces, "photo": photo.name, "model": uri, "runtime": runtime,
+                             "fps": summary.fps, **{f"{k}_ms": v for k, v in summary.stage_ms.items()}})
         video.unlink()
-    print_table(fps_rows, ["faces", "photo", "runtime", "fps", "capture_ms", "detect_ms", "classify_ms", "draw_ms"])
-    write_json(args.out, {"model": args.model, "latency": latency_rows, "fps": fps_rows})
+    print_table(fps_rows, ["faces", "photo", "model", "runtime", "fps", "capture_ms", "detect_ms", "classify_ms",
+                           "draw_ms"])
+    write_json(args.out, {"models": args.model, "latency": latency_rows, "fps": fps_rows})
 
 
 if __name__ == "__main__":
