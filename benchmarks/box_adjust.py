@@ -4,12 +4,13 @@ YuNet's boxes include the forehead; the data set's annotations sit lower and are
 overlap their annotation by less than IoU 0.5 and count as misses. The fit is the median shift and scale over
 matched training faces; the test split never takes part in it.
 
-    python benchmarks/box_adjust.py --modes off upscale
+    python benchmarks/box_adjust.py --modes off upscale --min-sides 0 640
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 from common import REPO, default_model, print_table, write_json
@@ -22,6 +23,8 @@ def main(argv=None):
     parser.add_argument("--model", default=default_model())
     parser.add_argument("--runtime", default="litert")
     parser.add_argument("--modes", nargs="+", default=["off", "upscale"])
+    parser.add_argument("--min-sides", nargs="+", type=int, default=None,
+                        help="detector.min_side values to evaluate (default: the configured one)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "box_adjust.json")
     args = parser.parse_args(argv)
 
@@ -39,12 +42,13 @@ def main(argv=None):
     print(f"fitted on {fitted['pairs']} training faces: box_adjust = {fitted['box_adjust']} "
           f"(configured default {list(settings.detector.box_adjust)})")
     rows = []
-    for mode in args.modes:
+    for mode, min_side in itertools.product(args.modes, args.min_sides or [settings.detector.min_side]):
         for label, adjust in (("raw", RAW), ("fitted", tuple(fitted["box_adjust"])),
                               ("default", settings.detector.box_adjust)):
-            config = settings.detector.model_copy(update={"small_face_mode": mode, "box_adjust": adjust})
+            config = settings.detector.model_copy(update={"small_face_mode": mode, "box_adjust": adjust,
+                                                          "min_side": min_side})
             metrics = evaluate_detection(MaskDetector(predictor, create_face_detector(config)), prepared.test_df)
-            rows.append({"mode": mode, "boxes": label, "map50": metrics["map50"],
+            rows.append({"mode": mode, "min_side": min_side, "boxes": label, "map50": metrics["map50"],
                          **{f"ap_{k}": v for k, v in metrics["ap50_per_class"].items()},
                          "recall": metrics["face_recall"],
                          **{f"recall_{k}": v for k, v in metrics["face_recall_by_size"].items()},

@@ -7,8 +7,8 @@ py=.venv/bin/python
 mkdir -p benchmarks/results
 $py benchmarks/phase2_batchnorm.py 2>benchmarks/results/phase2_batchnorm.log | tee benchmarks/results/phase2_batchnorm.txt
 $py benchmarks/runtimes.py 2>benchmarks/results/runtimes.log | tee benchmarks/results/runtimes.txt
-$py benchmarks/small_faces.py 2>benchmarks/results/small_faces.log | tee benchmarks/results/small_faces.txt
-$py benchmarks/box_adjust.py 2>benchmarks/results/box_adjust.log | tee benchmarks/results/box_adjust.txt
+$py benchmarks/small_faces.py --modes off upscale tile --score-thresholds 0.5 0.3 --min-sides 0 640 800 2>benchmarks/results/small_faces.log | tee benchmarks/results/small_faces.txt
+$py benchmarks/box_adjust.py --modes off upscale --min-sides 0 640 2>benchmarks/results/box_adjust.log | tee benchmarks/results/box_adjust.txt
 $py benchmarks/load.py --variant "default:" --variant "1-thread:serve.inference_threads=1" \
     --variant "opencv-yunet:detector.engine=opencv" 2>benchmarks/results/load.log | tee benchmarks/results/load.txt
 $py benchmarks/hostile.py 2>benchmarks/results/hostile.log | tee benchmarks/results/hostile.txt

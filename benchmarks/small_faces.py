@@ -18,6 +18,8 @@ def main(argv=None):
     parser.add_argument("--runtime", default="litert")
     parser.add_argument("--modes", nargs="+", default=["off", "upscale", "tile"])
     parser.add_argument("--score-thresholds", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--min-sides", nargs="+", type=int, default=[0],
+                        help="detector.min_side values: small photos enlarged to this long side, one pass")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "small_faces.json")
     args = parser.parse_args(argv)
 
@@ -31,10 +33,11 @@ def main(argv=None):
     prepared, _ = prepare_data(settings)
     predictor = Predictor.from_path(resolve_model_uri(args.model, settings), args.runtime)
     rows = []
-    for mode, threshold in itertools.product(args.modes, args.score_thresholds):
-        detector_config = settings.detector.model_copy(update={"small_face_mode": mode, "score_threshold": threshold})
+    for mode, threshold, min_side in itertools.product(args.modes, args.score_thresholds, args.min_sides):
+        detector_config = settings.detector.model_copy(update={"small_face_mode": mode, "score_threshold": threshold,
+                                                               "min_side": min_side})
         metrics = evaluate_detection(MaskDetector(predictor, create_face_detector(detector_config)), prepared.test_df)
-        rows.append({"mode": mode, "score_threshold": threshold, "map50": metrics["map50"],
+        rows.append({"mode": mode, "score_threshold": threshold, "min_side": min_side, "map50": metrics["map50"],
                      **{f"ap_{k}": v for k, v in metrics["ap50_per_class"].items()},
                      "recall": metrics["face_recall"],
                      **{f"recall_{k}": v for k, v in metrics["face_recall_by_size"].items()},

@@ -118,8 +118,10 @@ class DetectorConfig(_Section):
     small_face_mode: Literal["off", "upscale", "tile"] = "off"
     upscale_factor: float = Field(2.0, ge=1.0, le=4.0)
     max_side: int = Field(1280, ge=64, description="Photos are shrunk to this side before detection.")
+    min_side: int = Field(640, ge=0, description="Photos whose longer side is shorter are enlarged to it before "
+                                               "detection (by at most upscale_factor); 0 = never.")
     box_adjust: tuple[float, float, float, float] = Field(
-        (0.019, 0.143, 1.053, 0.912),
+        (0.022, 0.132, 1.04, 0.90),
         description="Detector box -> annotation-style box: centre shift (dx, dy, as fractions of box width/height) "
                     "and scale (sw, sh). YuNet boxes take in the forehead; the data set's boxes sit lower and are "
                     "shorter. Fitted on the training photos by benchmarks/box_adjust.py; (0, 0, 1, 1) = raw boxes.")

@@ -233,17 +233,18 @@ class YuNetDetector:
     def detect(self, image: np.ndarray) -> list[FaceBox]:
         cfg = self.config
         height, width = image.shape[:2]
-        shrink = min(1.0, cfg.max_side / max(height, width))
+        scale = detection_scale(max(height, width), cfg)
         bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-        if shrink < 1.0:
-            bgr = cv2.resize(bgr, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+        if scale != 1.0:
+            bgr = cv2.resize(bgr, None, fx=scale, fy=scale,
+                             interpolation=cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR)
         found = self._view(bgr, 0, 0, 1.0)
         if cfg.small_face_mode == "upscale":
             found += self._view(bgr, 0, 0, cfg.upscale_factor)
         elif cfg.small_face_mode == "tile":
             found += self._tiles(bgr)
-        if shrink < 1.0:
-            found = [FaceBox(tuple(int(round(v / shrink)) for v in f.box), f.score) for f in found]
+        if scale != 1.0:
+            found = [FaceBox(tuple(int(round(v / scale)) for v in f.box), f.score) for f in found]
         found = nms(found, cfg.nms_threshold)
         found = [FaceBox(adjust_box(f.box, cfg.box_adjust), f.score) for f in found]
         return _clip_and_filter(found, width, height, cfg.min_face_size)
@@ -268,6 +269,15 @@ class FullFrameDetector:
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:
         return [FaceBox((0, 0, image.shape[1], image.shape[0]), 1.0)]
+
+
+def detection_scale(long_side: int, config: DetectorConfig) -> float:
+    """Large photos shrink to max_side; small ones grow to min_side (at most by upscale_factor), one pass."""
+    if long_side > config.max_side:
+        return config.max_side / long_side
+    if config.min_side and long_side < config.min_side:
+        return min(config.min_side / long_side, config.upscale_factor)
+    return 1.0
 
 
 def adjust_box(box, adjust: tuple[float, float, float, float]) -> tuple[int, int, int, int]:

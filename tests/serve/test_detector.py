@@ -83,3 +83,29 @@ def test_box_adjustment_fitted_on_training_photos_moves_boxes_onto_the_annotatio
         return hits
 
     assert matched(raw.model_copy(update={"box_adjust": tuple(fitted["box_adjust"])})) > matched(raw)
+
+
+def test_small_photos_are_enlarged_once_and_boxes_come_back_in_photo_pixels(yunet_path, data_dir):
+    from maskwatch.detect import detection_scale
+
+    config = DetectorConfig(model_path=yunet_path, min_side=640, max_side=1280, upscale_factor=2.0)
+    assert detection_scale(400, config) == 1.6 and detection_scale(640, config) == 1.0
+    assert detection_scale(200, config) == 2.0 and detection_scale(2560, config) == 0.5
+    assert detection_scale(400, config.model_copy(update={"min_side": 0})) == 1.0
+
+    image = read_image(data_dir / "images" / "maksssksksss35.jpg")  # 400 px wide, three clear faces
+    height, width = image.shape[:2]
+    native, enlarged = (create_face_detector(config.model_copy(update={"min_side": side}), num_threads=1)
+                        for side in (0, 640))
+    native_boxes, enlarged_boxes = [sorted(f.box for f in d.detect(image)) for d in (native, enlarged)]
+    assert len(enlarged_boxes) >= len(native_boxes) >= 2
+    for box in enlarged_boxes:
+        assert 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height
+    for box in native_boxes:  # every face found at native size is found again, in the same place
+        assert max(_overlap(box, other) for other in enlarged_boxes) > 0.7
+
+
+def _overlap(a, b) -> float:
+    from maskwatch.evaluate import _iou
+
+    return float(_iou(np.array(a, float), np.array([b], float))[0])
