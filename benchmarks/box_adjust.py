@@ -13,7 +13,7 @@ import argparse
 import itertools
 from pathlib import Path
 
-from common import REPO, default_model, print_table, write_json
+from common import REPO, default_model, detection_row, detection_setup, print_table, write_json
 
 RAW = (0.0, 0.0, 1.0, 1.0)
 
@@ -28,15 +28,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "box_adjust.json")
     args = parser.parse_args(argv)
 
-    from maskwatch.config import load_settings
-    from maskwatch.data import prepare_data
-    from maskwatch.detect import MaskDetector, Predictor, create_face_detector
+    from maskwatch.detect import MaskDetector, create_face_detector
     from maskwatch.evaluate import evaluate_detection, fit_box_adjustment
-    from maskwatch.tracking import resolve_model_uri
 
-    settings = load_settings()
-    prepared, _ = prepare_data(settings)
-    predictor = Predictor.from_path(resolve_model_uri(args.model, settings), args.runtime)
+    settings, prepared, predictor = detection_setup(args.model, args.runtime)
     raw_detector = settings.detector.model_copy(update={"box_adjust": RAW, "small_face_mode": "off"})
     fitted = fit_box_adjustment(create_face_detector(raw_detector), prepared.train_df)
     print(f"fitted on {fitted['pairs']} training faces: box_adjust = {fitted['box_adjust']} "
@@ -48,11 +43,7 @@ def main(argv=None):
             config = settings.detector.model_copy(update={"small_face_mode": mode, "box_adjust": adjust,
                                                           "min_side": min_side})
             metrics = evaluate_detection(MaskDetector(predictor, create_face_detector(config)), prepared.test_df)
-            rows.append({"mode": mode, "min_side": min_side, "boxes": label, "map50": metrics["map50"],
-                         **{f"ap_{k}": v for k, v in metrics["ap50_per_class"].items()},
-                         "recall": metrics["face_recall"],
-                         **{f"recall_{k}": v for k, v in metrics["face_recall_by_size"].items()},
-                         "ms_per_photo": metrics["ms_per_photo"]})
+            rows.append({"mode": mode, "min_side": min_side, "boxes": label, **detection_row(metrics)})
     print_table(rows, list(rows[0]))
     write_json(args.out, {"model": args.model, "runtime": args.runtime, "fit": fitted, "rows": rows})
 

@@ -96,3 +96,23 @@ def gunicorn(model: str, runtime: str, workers: int, extra_env: dict | None = No
 
 def default_model() -> str:
     return os.environ.get("MASKWATCH_MODEL", "models:/maskwatch@champion")
+
+
+def detection_setup(model: str, runtime: str):
+    """(settings, prepared data, predictor) for the detection benchmarks: the test photos and one classifier."""
+    from maskwatch.config import load_settings
+    from maskwatch.data import prepare_data
+    from maskwatch.detect import Predictor
+    from maskwatch.tracking import resolve_model_uri
+
+    settings = load_settings()
+    prepared, _ = prepare_data(settings)
+    return settings, prepared, Predictor.from_path(resolve_model_uri(model, settings), runtime)
+
+
+def detection_row(metrics: dict) -> dict:
+    """evaluate_detection's result as one flat table row."""
+    return {"map50": metrics["map50"], **{f"ap_{k}": v for k, v in metrics["ap50_per_class"].items()},
+            "recall": metrics["face_recall"],
+            **{f"recall_{k}": v for k, v in metrics["face_recall_by_size"].items()},
+            "ms_per_photo": metrics["ms_per_photo"]}

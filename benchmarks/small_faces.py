@@ -9,7 +9,7 @@ import argparse
 import itertools
 from pathlib import Path
 
-from common import REPO, default_model, print_table, write_json
+from common import REPO, default_model, detection_row, detection_setup, print_table, write_json
 
 
 def main(argv=None):
@@ -18,30 +18,23 @@ def main(argv=None):
     parser.add_argument("--runtime", default="litert")
     parser.add_argument("--modes", nargs="+", default=["off", "upscale", "tile"])
     parser.add_argument("--score-thresholds", nargs="+", type=float, default=[0.5, 0.3])
-    parser.add_argument("--min-sides", nargs="+", type=int, default=[0],
-                        help="detector.min_side values: small photos enlarged to this long side, one pass")
+    parser.add_argument("--min-sides", nargs="+", type=int, default=None,
+                        help="detector.min_side values: small photos enlarged to this long side, one pass "
+                             "(default: the configured one)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "small_faces.json")
     args = parser.parse_args(argv)
 
-    from maskwatch.config import load_settings
-    from maskwatch.data import prepare_data
-    from maskwatch.detect import MaskDetector, Predictor, create_face_detector
+    from maskwatch.detect import MaskDetector, create_face_detector
     from maskwatch.evaluate import evaluate_detection
-    from maskwatch.tracking import resolve_model_uri
 
-    settings = load_settings()
-    prepared, _ = prepare_data(settings)
-    predictor = Predictor.from_path(resolve_model_uri(args.model, settings), args.runtime)
+    settings, prepared, predictor = detection_setup(args.model, args.runtime)
     rows = []
-    for mode, threshold, min_side in itertools.product(args.modes, args.score_thresholds, args.min_sides):
+    min_sides = args.min_sides or [settings.detector.min_side]
+    for mode, threshold, min_side in itertools.product(args.modes, args.score_thresholds, min_sides):
         detector_config = settings.detector.model_copy(update={"small_face_mode": mode, "score_threshold": threshold,
                                                                "min_side": min_side})
         metrics = evaluate_detection(MaskDetector(predictor, create_face_detector(detector_config)), prepared.test_df)
-        rows.append({"mode": mode, "score_threshold": threshold, "min_side": min_side, "map50": metrics["map50"],
-                     **{f"ap_{k}": v for k, v in metrics["ap50_per_class"].items()},
-                     "recall": metrics["face_recall"],
-                     **{f"recall_{k}": v for k, v in metrics["face_recall_by_size"].items()},
-                     "ms_per_photo": metrics["ms_per_photo"]})
+        rows.append({"mode": mode, "score_threshold": threshold, "min_side": min_side, **detection_row(metrics)})
     print_table(rows, list(rows[0]))
     write_json(args.out, {"model": args.model, "runtime": args.runtime, "rows": rows})
 
