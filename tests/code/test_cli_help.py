@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
-COMMANDS = [[], ["data"], ["data", "prepare"], ["train"], ["evaluate"], ["models"], ["models", "list"],
-            ["models", "promote"], ["config"], ["config", "show"]]
+COMMANDS = [[], ["data"], ["data", "prepare"], ["train"], ["evaluate"], ["predict"], ["serve"], ["webcam"],
+            ["export"], ["models"], ["models", "list"], ["models", "promote"], ["config"], ["config", "show"]]
+BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+BENCHMARKS = sorted(p for p in BENCHMARK_DIR.glob("*.py") if p.name != "common.py")
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "maskwatch")
@@ -14,6 +16,14 @@ def test_every_command_has_help(command):
     out = subprocess.run([MASKWATCH, *command, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "Usage: maskwatch" in out.stdout
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
+def test_every_benchmark_has_help(script):
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60,
+                         cwd=script.parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:") and "python benchmarks/" in out.stdout  # the docstring's example
 
 
 def test_config_show_applies_overrides():
