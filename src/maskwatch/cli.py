@@ -133,24 +133,13 @@ def evaluate(model: ModelOpt = None,
     """Evaluate a model on the test split: accuracy, per-class metrics, macro-F1, recall intervals."""
     import keras
 
-    from maskwatch import tracking
     from maskwatch.bundle import bundle_paths, read_metadata
-    from maskwatch.data import data_config_for, prepare_data
     from maskwatch.evaluate import evaluate_model, format_summary
 
     settings = _settings(config, preset, set_, data_dir, tracking_uri, work_dir)
     uri = model or settings.champion_uri
-    try:
-        bundle = tracking.resolve_model_uri(uri, settings)
-        model_file, _ = bundle_paths(bundle)
-        if not model_file.is_file():
-            raise FileNotFoundError(f"no model at {model_file}")
-        settings.data = data_config_for(settings.data, read_metadata(bundle).crop_spec)
-        prepared, _ = prepare_data(settings)
-    except _known_errors() as error:
-        _fail(str(error))
-    except Exception as error:  # MLflow raises its own types for unknown aliases and versions
-        _fail(f"cannot load model {uri}: {error}")
+    bundle, prepared = _model_and_data(settings, uri)
+    model_file, _ = bundle_paths(bundle)
     if detection:
         _evaluate_detection(settings, bundle, uri, prepared, as_json)
         return
@@ -283,7 +272,8 @@ def serve(model: ModelOpt = None,
         raise typer.Exit(subprocess.call(command, env=serve_environment(settings, str(bundle), str(metrics_dir))))
 
 
-def _resolve_bundle(settings: Settings, uri: str, destination: Path) -> Path:
+def _resolve_bundle(settings: Settings, uri: str, destination: Path | None = None) -> Path:
+    """A local bundle folder for a path or registry URI; any failure is a clear error, never a traceback."""
     from maskwatch import tracking
 
     try:
@@ -292,6 +282,20 @@ def _resolve_bundle(settings: Settings, uri: str, destination: Path) -> Path:
         _fail(str(error))
     except Exception as error:  # MLflow's own errors for an unknown model or alias
         _fail(f"cannot load model {uri}: {error}")
+
+
+def _model_and_data(settings: Settings, uri: str):
+    """(bundle, prepared data) with the data cropped the way that model was trained (settings.data follows it)."""
+    from maskwatch.bundle import read_metadata
+    from maskwatch.data import data_config_for, prepare_data
+
+    bundle = _resolve_bundle(settings, uri)
+    try:  # read_metadata also refuses a folder without model.keras ("no model at ...")
+        settings.data = data_config_for(settings.data, read_metadata(bundle).crop_spec)
+        prepared, _ = prepare_data(settings)
+    except _known_errors() as error:
+        _fail(str(error))
+    return bundle, prepared
 
 
 @app.command()
@@ -328,8 +332,6 @@ def export_command(
         work_dir: WorkDirOpt = None) -> None:
     """Export the classifier for fast inference (LiteRT float/int8, ONNX) into the model bundle."""
     from maskwatch import tracking
-    from maskwatch.bundle import read_metadata
-    from maskwatch.data import data_config_for, prepare_data
     from maskwatch.export import EXPORT_FILES, export_model, parity_report
 
     formats = formats or list(EXPORT_FILES)
@@ -338,14 +340,7 @@ def export_command(
         _fail(f"unknown format(s) {unknown}; choose from {', '.join(EXPORT_FILES)}")
     settings = _settings(config, "full", set_, data_dir, tracking_uri, work_dir)
     uri = model or settings.champion_uri
-    try:
-        bundle = tracking.resolve_model_uri(uri, settings)
-        settings.data = data_config_for(settings.data, read_metadata(bundle).crop_spec)
-        prepared, _ = prepare_data(settings)
-    except _known_errors() as error:
-        _fail(str(error))
-    except Exception as error:
-        _fail(f"cannot load model {uri}: {error}")
+    bundle, prepared = _model_and_data(settings, uri)
     results = export_model(bundle, formats, prepared.train_df)
     for result in results:
         typer.echo(f"{result.runtime:<12} {result.size_bytes / 1e6:6.1f} MB  {result.path}")
