@@ -22,6 +22,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "MASKWATCH_TRACKING_URI": ("tracking", "tracking_uri"),
     "MLFLOW_TRACKING_URI": ("tracking", "tracking_uri"),
     "MASKWATCH_YUNET_PATH": ("detector", "model_path"),
+    "MASKWATCH_DETECTOR_PATH": ("detector", "trained_model_path"),
     "MASKWATCH_MODEL": ("serve", "model_uri"),
     "MASKWATCH_API_KEY": ("serve", "api_key"),
 }
@@ -122,9 +123,39 @@ class DetectorConfig(_Section):
                                                "detection (by at most upscale_factor); 0 = never.")
     box_adjust: tuple[float, float, float, float] = Field(
         (0.022, 0.132, 1.04, 0.90),
-        description="Detector box -> annotation-style box: centre shift (dx, dy, as fractions of box width/height) "
+        description="YuNet box -> annotation-style box: centre shift (dx, dy, as fractions of box width/height) "
                     "and scale (sw, sh). YuNet boxes take in the forehead; the data set's boxes sit lower and are "
                     "shorter. Fitted on the training photos by benchmarks/box_adjust.py; (0, 0, 1, 1) = raw boxes.")
+    trained_model_path: Path | None = Field(
+        None, description="backend 'centernet': the face_detector.onnx that `maskwatch train-detector` wrote.")
+    trained_input_side: int = Field(640, ge=64, description="backend 'centernet': photos' longer side for it.")
+    trained_score_threshold: float = Field(
+        0.05, ge=0.0, le=1.0, description="backend 'centernet': peak threshold (chosen on the val photos).")
+    class_fusion: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="backend 'centernet': weight of its own class probabilities against the classifier's "
+                    "(chosen on the val photos; YuNet gives none).")
+
+
+class DetectorTrainConfig(_Section):
+    """The face-mask detector trained on this data set (maskwatch train-detector)."""
+
+    input_side: int = Field(640, ge=64, description="Photos' longer side at inference; training scales around it.")
+    train_canvas: int = Field(512, ge=64, description="Square training crop (multiple of 32).")
+    scale_range: tuple[float, float] = Field((0.6, 1.4), description="Random scale around input_side in training.")
+    epochs: int = Field(140, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: int = Field(3, ge=0, description="Linear warm-up, then cosine decay to 1%.")
+    loader_workers: int = Field(1, ge=1, description="Threads that augment batches (more on many-core machines).")
+    backbone_batchnorm: Literal["train", "frozen"] = Field(
+        "train", description="frozen: the backbone's BatchNormalization layers keep their ImageNet statistics.")
+    class_weights: tuple[float, float, float] = Field(
+        (1.0, 1.0, 1.0), description="Loss weight of each class's heat map (with, without, incorrect).")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Also end (learning rate fully decayed) after this many seconds; best epoch kept.")
+    seed: int = 42
 
 
 class ServeConfig(_Section):
@@ -149,6 +180,7 @@ class Settings(_Section):
     evaluate: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     detector: DetectorConfig = DetectorConfig()
+    detector_train: DetectorTrainConfig = DetectorTrainConfig()
     serve: ServeConfig = ServeConfig()
 
     # Derived locations: one place decides where things live.
@@ -182,6 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"phase1_epochs": 3, "phase2_epochs": 1, "single_phase_epochs": 4,
                   "early_stopping_patience": None, "reduce_lr_patience": None},
         "evaluate": {"bootstrap_samples": 500},
+        "detector_train": {"epochs": 3, "train_canvas": 320, "input_side": 320},
     },
 }
 

@@ -478,6 +478,18 @@ def prepare_data(settings: Settings, source_dir: Path | None = None) -> tuple[Pr
     return prepared, scan
 
 
+def split_faces(settings: Settings, source_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The face rows of prepare_data's train/val/test photos, without cropping (the detector trains on photos)."""
+    data = settings.data
+    source = Path(source_dir) if source_dir else locate_dataset(data, settings.work_dir)
+    faces = scan_dataset(source).faces
+    if faces.empty:
+        raise DataError(f"no usable faces in {source}")
+    if data.max_photos:
+        faces = subsample_photos(faces, data.max_photos, data.split_seed)
+    return split_by_photo(faces, data.val_fraction, data.test_fraction, data.split_seed)
+
+
 def data_config_for(data: DataConfig, spec: CropSpec) -> DataConfig:
     """The data settings with a model's own crop spec, so a model is always fed crops made the way it was trained."""
     return data.model_copy(update={"crop_margin": spec.margin, "square_crops": spec.square,

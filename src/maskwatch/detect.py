@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from maskwatch.bundle import ModelMetadata, apply_class_bias, bundle_paths, read_metadata
-from maskwatch.config import DetectorConfig, Settings
+from maskwatch.config import CLASS_NAMES, DetectorConfig, Settings
 from maskwatch.preprocessing import CropSpec, extract_faces, resize_face
 
 
@@ -89,6 +89,7 @@ def yunet_model_path(config: DetectorConfig, url: str = YUNET_URL) -> Path:
 class FaceBox:
     box: tuple[int, int, int, int]  # xmin, ymin, xmax, ymax in photo pixels
     score: float
+    probabilities: np.ndarray | None = None  # the detector's own class opinion, when it has one
 
 
 class FaceDetector(Protocol):
@@ -271,6 +272,45 @@ class FullFrameDetector:
         return [FaceBox((0, 0, image.shape[1], image.shape[0]), 1.0)]
 
 
+@register_detector("centernet")
+class TrainedFaceDetector:
+    """maskwatch's own face-mask detector, trained on this data set (maskwatch train-detector), run as ONNX.
+
+    Finds the small and masked faces YuNet misses, with boxes in the data set's style, and gives its own
+    class probabilities beside the classifier's.
+    """
+
+    def __init__(self, config: DetectorConfig, num_threads: int | None = None):
+        import onnxruntime as ort
+
+        self.config = config
+        path = config.trained_model_path
+        if path is None or not Path(path).is_file():
+            raise DetectorModelError(
+                f"detector.backend is 'centernet' but detector.trained_model_path ({path}) is not a file: "
+                "train one with `maskwatch train-detector` and point the setting (or MASKWATCH_DETECTOR_PATH) "
+                "at its face_detector.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads or os.cpu_count() or 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see _YuNetOnnxRuntime
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise DetectorModelError(f"{path} is not a loadable ONNX face detector: {err}") from err
+        self._input = self._session.get_inputs()[0].name
+
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        from maskwatch.centernet import decode, letterbox
+
+        cfg = self.config
+        boxed, scale = letterbox(image, cfg.trained_input_side)
+        heads = self._session.run(None, {self._input: boxed[None].astype(np.float32)})[0][0]
+        boxes, scores, probabilities = decode(heads, scale, cfg.trained_score_threshold)
+        found = [FaceBox(tuple(int(round(float(v))) for v in box), float(score), p)
+                 for box, score, p in zip(boxes, scores, probabilities)]
+        return _clip_and_filter(found, image.shape[1], image.shape[0], cfg.min_face_size)
+
+
 def detection_scale(long_side: int, config: DetectorConfig) -> float:
     """Large photos shrink to max_side; small ones grow to min_side (at most by upscale_factor), one pass."""
     if long_side > config.max_side:
@@ -298,7 +338,7 @@ def _clip_and_filter(found: list[FaceBox], width: int, height: int, min_size: in
         x0, y0, x1, y1 = face.box
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
         if min(x1 - x0, y1 - y0) >= min_size:
-            kept.append(FaceBox((x0, y0, x1, y1), face.score))
+            kept.append(FaceBox((x0, y0, x1, y1), face.score, face.probabilities))
     return kept
 
 
@@ -430,8 +470,12 @@ class DetectionTimings:
 
 @dataclass
 class MaskDetector:
-    predictor: Predictor
+    """Face detector + classifier. Without a predictor, the face detector's own class opinion is the answer
+    (only detectors that give one, e.g. the trained 'centernet')."""
+
+    predictor: Predictor | None
     face_detector: FaceDetector
+    class_fusion: float = 0.0  # weight of the face detector's own class probabilities, where it gives them
     last_timings: DetectionTimings = field(default_factory=DetectionTimings)
 
     @classmethod
@@ -439,22 +483,38 @@ class MaskDetector:
                       num_threads: int | None = None) -> "MaskDetector":
         uri = model_uri or settings.serve.model_uri or settings.champion_uri
         return cls(Predictor.from_uri(uri, settings, num_threads=num_threads),
-                   create_face_detector(settings.detector, num_threads))
+                   create_face_detector(settings.detector, num_threads), settings.detector.class_fusion)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.predictor.class_names) if self.predictor else list(CLASS_NAMES)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """RGB uint8 photo -> one Detection per face, all faces classified in one batch."""
         started = time.perf_counter()
         faces = self.face_detector.detect(image)
         detected = time.perf_counter()
-        probabilities = self.predictor.predict_inputs(
-            extract_faces(image, [f.box for f in faces], self.predictor.crop_spec))
+        probabilities = self._probabilities(image, faces)
         self.last_timings = DetectionTimings((detected - started) * 1e3, (time.perf_counter() - detected) * 1e3)
-        names = self.predictor.class_names
+        names = self.class_names
         return [
             Detection(face.box, names[int(np.argmax(p))], float(np.max(p)),
                       {name: float(v) for name, v in zip(names, p)}, face.score)
             for face, p in zip(faces, probabilities)
         ]
+
+    def _probabilities(self, image: np.ndarray, faces: list[FaceBox]) -> np.ndarray:
+        if self.predictor is None:
+            if any(face.probabilities is None for face in faces):
+                raise ValueError("this face detector gives no class probabilities: a classifier is needed")
+            return np.array([face.probabilities for face in faces], np.float32).reshape(-1, len(CLASS_NAMES))
+        probabilities = self.predictor.predict_inputs(
+            extract_faces(image, [f.box for f in faces], self.predictor.crop_spec))
+        if not self.class_fusion:
+            return probabilities
+        return np.array([p if face.probabilities is None else
+                         (1.0 - self.class_fusion) * p + self.class_fusion * face.probabilities
+                         for face, p in zip(faces, probabilities)], np.float32).reshape(probabilities.shape)
 
 
 LABEL_COLOURS = {"with_mask": (46, 160, 67), "without_mask": (220, 38, 38), "mask_weared_incorrect": (234, 162, 0)}

@@ -109,3 +109,14 @@ def _overlap(a, b) -> float:
     from maskwatch.evaluate import _iou
 
     return float(_iou(np.array(a, float), np.array([b], float))[0])
+
+
+def test_trained_detector_without_a_model_file_is_a_clear_error(tmp_path):
+    from maskwatch.detect import DetectorModelError
+
+    with pytest.raises(DetectorModelError, match="maskwatch train-detector"):
+        create_face_detector(DetectorConfig(backend="centernet", trained_model_path=tmp_path / "missing.onnx"))
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not an onnx model")
+    with pytest.raises(DetectorModelError, match="not a loadable ONNX face detector"):
+        create_face_detector(DetectorConfig(backend="centernet", trained_model_path=corrupt))

@@ -1,0 +1,418 @@
+"""Train the face-mask detector on this data set's photos: network, targets, augmentation, loss and fit.
+
+YuNet was trained on WIDER FACE: it misses half of this data set's faces under 16 px and masked faces, and its
+boxes follow another annotation style. This detector learns the data set's own boxes from its training photos
+(never the val/test photos of the classifier's split). Keras 3 with backend-neutral ops, so the same code trains
+on TensorFlow here and on JAX where a GPU is at hand; serving runs its ONNX export (maskwatch.centernet).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from maskwatch.centernet import (
+    CLASS_CHANNELS,
+    FACE_CHANNEL,
+    NUM_CLASSES,
+    OFFSET_CHANNELS,
+    OUTPUT_CHANNELS,
+    PAD_VALUE,
+    SIZE_CHANNELS,
+    STRIDE,
+    letterbox,
+)
+from maskwatch.config import CLASS_NAMES, DetectorTrainConfig
+from maskwatch.preprocessing import read_image
+
+BACKBONE_FEATURES = ("block_2_add", "block_5_add", "block_12_add", "out_relu")  # strides 4, 8, 16, 32
+MASK_CHANNEL = OUTPUT_CHANNELS  # targets carry one more channel: 1 at each face's centre cell
+HEAT_PRIOR_BIAS = -2.19  # sigmoid(-2.19) = 0.1: the heat maps start near "no face" (CenterNet, RetinaNet)
+GAUSSIAN_ALPHA = 0.54  # the target peak covers about half the face (TTFNet)
+
+
+# ----------------------------------------------------------------------------- photos
+
+
+@dataclass
+class DetectionPhotos:
+    """Decoded photos with their boxes (photo pixels) and class indices, in memory for fast augmentation."""
+
+    images: list[np.ndarray]
+    boxes: list[np.ndarray]
+    labels: list[np.ndarray]
+    photo_ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def face_count(self) -> int:
+        return int(sum(len(b) for b in self.boxes))
+
+
+def photos_from_faces(faces: pd.DataFrame, class_names=CLASS_NAMES, progress: bool = True) -> DetectionPhotos:
+    """Group a split's face rows by photo and decode each photo once."""
+    from tqdm.auto import tqdm
+
+    index = {name: i for i, name in enumerate(class_names)}
+    photos = DetectionPhotos([], [], [], [])
+    for image_path, rows in tqdm(list(faces.groupby("image_path", sort=True)), desc="loading photos",
+                                 unit="photo", disable=not progress):
+        photos.images.append(read_image(image_path))
+        photos.boxes.append(rows[["xmin", "ymin", "xmax", "ymax"]].to_numpy(np.float32))
+        photos.labels.append(rows["label"].map(index).to_numpy(np.int64))
+        photos.photo_ids.append(str(rows["photo_id"].iloc[0]))
+    return photos
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _gaussian(radius_x: int, radius_y: int) -> np.ndarray:
+    sigma_x, sigma_y = (2 * radius_x + 1) / 6, (2 * radius_y + 1) / 6
+    xs = np.arange(-radius_x, radius_x + 1, dtype=np.float32)
+    ys = np.arange(-radius_y, radius_y + 1, dtype=np.float32)
+    return np.exp(-(xs[None, :] ** 2) / (2 * sigma_x ** 2) - (ys[:, None] ** 2) / (2 * sigma_y ** 2))
+
+
+def encode_targets(boxes: np.ndarray, labels: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Boxes (network pixels) and class indices -> out_h x out_w x 9 training targets.
+
+    Channels: face heat, 3 class heats (Gaussian peaks of exactly 1 at each centre cell), log size, centre
+    offset within the cell, and the centre mask. Larger faces are drawn first so a small face sharing a
+    cell keeps its regression values.
+    """
+    target = np.zeros((out_h, out_w, OUTPUT_CHANNELS + 1), np.float32)
+    order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) if len(boxes) else []
+    for i in order:
+        x0, y0, x1, y1 = boxes[i] / STRIDE
+        w, h = x1 - x0, y1 - y0
+        if w <= 0 or h <= 0:
+            continue
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        ix, iy = min(max(int(cx), 0), out_w - 1), min(max(int(cy), 0), out_h - 1)
+        rx, ry = int(w / 2 * GAUSSIAN_ALPHA), int(h / 2 * GAUSSIAN_ALPHA)
+        peak = _gaussian(rx, ry)
+        top, bottom = max(iy - ry, 0), min(iy + ry + 1, out_h)
+        left, right = max(ix - rx, 0), min(ix + rx + 1, out_w)
+        window = peak[top - (iy - ry):bottom - (iy - ry), left - (ix - rx):right - (ix - rx)]
+        for channel in (FACE_CHANNEL, CLASS_CHANNELS.start + int(labels[i])):
+            np.maximum(target[top:bottom, left:right, channel], window, out=target[top:bottom, left:right, channel])
+        target[iy, ix, SIZE_CHANNELS] = np.log(np.maximum([w, h], 0.25))
+        target[iy, ix, OFFSET_CHANNELS] = np.clip([cx - ix, cy - iy], 0.0, 1.0)
+        target[iy, ix, MASK_CHANNEL] = 1.0
+    return target
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _jitter_colour(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Saturation, contrast and brightness jitter in OpenCV's saturating uint8 ops (fast, and they free the GIL)."""
+    grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    saturation = rng.uniform(0.6, 1.4)
+    image = cv2.addWeighted(image, saturation, grey, 1.0 - saturation, 0.0)
+    return cv2.convertScaleAbs(image, alpha=rng.uniform(0.75, 1.25), beta=rng.uniform(-25, 25))
+
+
+def augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, config: DetectorTrainConfig,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random scale around the inference size, random crop/placement on a square canvas, flip, colour.
+
+    Faces cut to less than half their area by the crop are dropped; the rest are clipped to the canvas.
+    """
+    canvas_side = config.train_canvas
+    scale = rng.uniform(*config.scale_range) * config.input_side / max(image.shape[:2])
+    resized = cv2.resize(image, None, fx=scale, fy=scale,
+                         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    height, width = resized.shape[:2]
+    off_x = int(rng.integers(min(0, canvas_side - width), max(0, canvas_side - width) + 1))
+    off_y = int(rng.integers(min(0, canvas_side - height), max(0, canvas_side - height) + 1))
+    canvas = np.full((canvas_side, canvas_side, 3), PAD_VALUE, np.uint8)
+    src_x, src_y = max(-off_x, 0), max(-off_y, 0)
+    dst_x, dst_y = max(off_x, 0), max(off_y, 0)
+    copy_w, copy_h = min(width - src_x, canvas_side - dst_x), min(height - src_y, canvas_side - dst_y)
+    canvas[dst_y:dst_y + copy_h, dst_x:dst_x + copy_w] = resized[src_y:src_y + copy_h, src_x:src_x + copy_w]
+    moved = boxes * scale + np.array([off_x, off_y, off_x, off_y], np.float32)
+    clipped = np.clip(moved, 0, canvas_side)
+    area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)  # noqa: E731
+    keep = (area(clipped) >= 0.5 * np.maximum(area(moved), 1e-6)) & (area(clipped) > 0)
+    clipped, kept_labels = clipped[keep], labels[keep]
+    if rng.random() < 0.5:
+        canvas = canvas[:, ::-1]
+        clipped = np.stack([canvas_side - clipped[:, 2], clipped[:, 1], canvas_side - clipped[:, 0],
+                            clipped[:, 3]], axis=1) if len(clipped) else clipped
+    return _jitter_colour(np.ascontiguousarray(canvas), rng), clipped.astype(np.float32), kept_labels
+
+
+def letterboxed_sample(image: np.ndarray, boxes: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation input: the inference letterbox, padded to a fixed side x side square (static shapes)."""
+    boxed, scale = letterbox(image, side)
+    canvas = np.full((side, side, 3), PAD_VALUE, np.uint8)
+    canvas[:boxed.shape[0], :boxed.shape[1]] = boxed[:side, :side]
+    return canvas, boxes * scale
+
+
+def batch_sampler(photos: DetectionPhotos, config: DetectorTrainConfig, training: bool, seed: int):
+    """A keras.utils.PyDataset of (images, targets) batches; training batches are augmented afresh each time."""
+    import keras
+
+    class DetectionBatches(keras.utils.PyDataset):
+        def __init__(self):
+            # Threads, not processes: OpenCV frees the GIL, and forking after JAX or TF started is unsafe.
+            super().__init__(workers=config.loader_workers, use_multiprocessing=False)
+            self.epoch = 0
+
+        def __len__(self):
+            if training:
+                return max(len(photos) // config.batch_size, 1)
+            return math.ceil(len(photos) / config.batch_size)
+
+        def on_epoch_end(self):
+            self.epoch += 1
+
+        def __getitem__(self, index):
+            if training:
+                rng = np.random.default_rng([seed, self.epoch, index, time.time_ns() % 2**32])
+                picks = rng.choice(len(photos), size=min(config.batch_size, len(photos)), replace=False)
+            else:
+                rng = None
+                picks = range(index * config.batch_size, min((index + 1) * config.batch_size, len(photos)))
+            images, targets = [], []
+            for i in picks:
+                if training:
+                    image, boxes, labels = augment(photos.images[i], photos.boxes[i], photos.labels[i], config, rng)
+                else:
+                    image, boxes = letterboxed_sample(photos.images[i], photos.boxes[i], config.input_side)
+                    labels = photos.labels[i]
+                side = image.shape[0]
+                images.append(image)
+                targets.append(encode_targets(boxes, labels, side // STRIDE, side // STRIDE))
+            return np.stack(images).astype(np.float32), np.stack(targets)
+
+    return DetectionBatches()
+
+
+# ----------------------------------------------------------------------------- network and loss
+
+
+def build_face_detector(weights: str | None = "imagenet", fpn_channels: int = 96, head_channels: int = 64,
+                        backbone_batchnorm: str = "train"):
+    """MobileNetV2 (ImageNet) + a top-down feature pyramid to stride 4 + heat / size / offset heads.
+
+    Takes raw 0..255 RGB of any size divisible by 32; outputs H/4 x W/4 x 8 (see maskwatch.centernet).
+    backbone_batchnorm="frozen" keeps the backbone's BatchNormalization layers in inference mode (in Keras 3
+    only trainable=False does that inside fit).
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(None, None, 3), name="image")
+    scaled = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_pixels")(inputs)
+    with warnings.catch_warnings():  # the 224 px ImageNet weights serve any input size
+        warnings.filterwarnings("ignore", message=".*will be loaded as the default")
+        warnings.filterwarnings("ignore", message=".*input_shape.*")
+        base = keras.applications.MobileNetV2(include_top=False, weights=weights, input_shape=(None, None, 3))
+    backbone = keras.Model(base.inputs, [base.get_layer(name).output for name in BACKBONE_FEATURES],
+                           name="backbone")
+    if backbone_batchnorm not in ("train", "frozen"):
+        raise ValueError(f"backbone_batchnorm must be 'train' or 'frozen', not {backbone_batchnorm!r}")
+    if backbone_batchnorm == "frozen":
+        for layer in backbone.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.trainable = False
+    features = backbone(scaled)
+    merged = layers.Conv2D(fpn_channels, 1, name="lateral_32")(features[-1])
+    for feature, stride in zip(reversed(features[:-1]), (16, 8, 4)):
+        lateral = layers.Conv2D(fpn_channels, 1, name=f"lateral_{stride}")(feature)
+        merged = layers.Add(name=f"merge_{stride}")([layers.UpSampling2D(2, name=f"up_{stride}")(merged), lateral])
+        merged = layers.SeparableConv2D(fpn_channels, 3, padding="same", use_bias=False, name=f"smooth_{stride}")(merged)
+        merged = layers.BatchNormalization(name=f"smooth_{stride}_bn")(merged)
+        merged = layers.ReLU(name=f"smooth_{stride}_relu")(merged)
+
+    def branch(name: str, channels: int, activation, bias=None):
+        hidden = layers.Conv2D(head_channels, 3, padding="same", activation="relu", name=f"{name}_conv")(merged)
+        return layers.Conv2D(channels, 1, activation=activation, name=name,
+                             bias_initializer=keras.initializers.Constant(bias) if bias is not None else "zeros")(hidden)
+
+    heat = branch("heat", 1 + NUM_CLASSES, "sigmoid", HEAT_PRIOR_BIAS)
+    size = branch("size", 2, None)
+    offset = branch("offset", 2, "sigmoid")
+    outputs = layers.Concatenate(name="heads")([heat, size, offset])
+    return keras.Model(inputs, outputs, name="maskwatch_face_detector")
+
+
+def detection_loss(y_true, y_pred, class_weights=(1.0, 1.0, 1.0)):
+    """Per photo: focal loss on the four heat maps + L1 on log size and offset at face centres, per face.
+
+    class_weights scale the three class heat maps' focal loss (the face map keeps weight 1), so a rare class
+    can count for more.
+    """
+    from keras import ops
+
+    heat_true = y_true[..., :1 + NUM_CLASSES]
+    heat_pred = ops.clip(y_pred[..., :1 + NUM_CLASSES], 1e-4, 1.0 - 1e-4)
+    positive = ops.cast(ops.greater_equal(heat_true, 1.0), "float32")
+    positive_loss = -ops.log(heat_pred) * ops.square(1.0 - heat_pred) * positive
+    negative_loss = (-ops.log(1.0 - heat_pred) * ops.square(heat_pred)
+                     * ops.power(1.0 - heat_true, 4.0) * (1.0 - positive))
+    channel_weights = ops.convert_to_tensor([1.0, *(float(w) for w in class_weights)], dtype="float32")
+    centres = y_true[..., MASK_CHANNEL:MASK_CHANNEL + 1]
+    faces = ops.maximum(ops.sum(centres, axis=(1, 2, 3)), 1.0)
+    heat_loss = ops.sum((positive_loss + negative_loss) * channel_weights, axis=(1, 2, 3))
+    regression = ops.abs(y_pred[..., SIZE_CHANNELS.start:OFFSET_CHANNELS.stop]
+                         - y_true[..., SIZE_CHANNELS.start:OFFSET_CHANNELS.stop]) * centres
+    return (heat_loss + ops.sum(regression, axis=(1, 2, 3))) / faces
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+@dataclass
+class DetectorHistory:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    stopped_by_budget: bool = False
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.epochs)
+        frame.insert(0, "epoch", range(1, len(frame) + 1))
+        frame["seconds"] = self.epoch_seconds
+        return frame
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> "DetectorHistory":
+        """Back from history.csv (to_frame's layout), e.g. one written beside a model trained elsewhere."""
+        metrics = frame.drop(columns=["epoch", "seconds"], errors="ignore")
+        return cls(metrics.to_dict("records"), frame.get("seconds", pd.Series(0.0, index=frame.index)).tolist())
+
+
+def learning_rate_at(progress: float, epoch: int, config: DetectorTrainConfig) -> float:
+    """Linear warm-up over the first epochs, then cosine decay to 1% by the end of training (progress 0..1)."""
+    if epoch < config.warmup_epochs:
+        return config.learning_rate * (epoch + 1) / (config.warmup_epochs + 1)
+    floor = 0.01 * config.learning_rate
+    return floor + 0.5 * (config.learning_rate - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _callbacks(config: DetectorTrainConfig, model_path: Path, history: DetectorHistory, extra: list):
+    import keras
+
+    class Schedule(keras.callbacks.Callback):
+        """Sets the learning rate each epoch and keeps the history.
+
+        Progress is the larger of epochs done / epochs and seconds spent / time budget, so a time-boxed run
+        still anneals its learning rate fully before it stops.
+        """
+
+        def on_train_begin(self, logs=None):
+            self.started = time.perf_counter()
+
+        def progress(self, epoch: int) -> float:
+            by_epochs = epoch / config.epochs
+            if not config.time_budget_s:
+                return by_epochs
+            return max(by_epochs, (time.perf_counter() - self.started) / config.time_budget_s)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_started = time.perf_counter()
+            self.model.optimizer.learning_rate = learning_rate_at(self.progress(epoch), epoch, config)
+
+        def on_epoch_end(self, epoch, logs=None):
+            record = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+            record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            history.epochs.append(record)
+            history.epoch_seconds.append(time.perf_counter() - self.epoch_started)
+            elapsed = time.perf_counter() - self.started
+            print(f"detector epoch {epoch + 1}/{config.epochs}  "
+                  + "  ".join(f"{k} {v:.4g}" for k, v in record.items())
+                  + f"  {history.epoch_seconds[-1]:.1f}s  (elapsed {elapsed:.0f}s)", flush=True)
+            if self.progress(epoch + 1) >= 1.0 and epoch + 1 < config.epochs:
+                history.stopped_by_budget = True
+                self.model.stop_training = True
+
+    # Weights only: a full checkpoint carries AdamW's two moments, three times the model's size.
+    checkpoint = keras.callbacks.ModelCheckpoint(str(best_weights_path(model_path)), monitor="val_loss",
+                                                 mode="min", save_best_only=True, save_weights_only=True)
+    return [Schedule(), checkpoint, *extra]
+
+
+def best_weights_path(model_path: Path) -> Path:
+    return Path(model_path).with_suffix(".best.weights.h5")
+
+
+def save_inference_model(weights_file: Path, model_path: Path):
+    """A fresh, uncompiled detector with the given weights, saved as .keras (no optimizer state inside)."""
+    model = build_face_detector(weights=None)
+    model.load_weights(weights_file)
+    model.save(model_path)
+    return model
+
+
+def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path: Path,
+                        config: DetectorTrainConfig, weights: str | None = "imagenet",
+                        extra_callbacks: list = ()) -> tuple[DetectorHistory, object]:
+    """Fit the detector; model_path gets the epoch with the lowest validation loss (weights beside it as .h5)."""
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    model = build_face_detector(weights=weights, backbone_batchnorm=config.backbone_batchnorm)
+
+    def loss(y_true, y_pred):
+        return detection_loss(y_true, y_pred, config.class_weights)
+
+    model.compile(optimizer=keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay,
+                                                   clipnorm=10.0),
+                  loss=loss, jit_compile="auto")
+    history = DetectorHistory()
+    model.fit(batch_sampler(train, config, training=True, seed=config.seed),
+              validation_data=batch_sampler(val, config, training=False, seed=config.seed),
+              epochs=config.epochs, verbose=0,
+              callbacks=_callbacks(config, model_path, history, list(extra_callbacks)))
+    best = best_weights_path(model_path)
+    if not best.is_file():  # no epoch finished with a finite validation loss
+        model.save_weights(best)
+    return history, save_inference_model(best, model_path)
+
+
+def export_onnx(model_file: Path, target: Path) -> Path:
+    """The trained detector as ONNX with a free input size (N x H x W x 3, H and W divisible by 32)."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(model_file, compile=False)
+    model.export(str(target), format="onnx", verbose=False,
+                 input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="image")])
+    return target
+
+
+def plot_history(history: DetectorHistory, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = history.to_frame()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for column in ("loss", "val_loss"):
+        if column in frame:
+            ax.plot(frame["epoch"], frame[column], label=column)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("detection loss (per face)")
+    ax.set_yscale("log")
+    ax.set_title("face detector training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,84 @@
+"""The trained face detector's numpy parts: letterbox, target encoding, peak decoding, augmentation, schedule."""
+
+import numpy as np
+import pytest
+
+from maskwatch import centernet
+from maskwatch.config import DetectorTrainConfig
+from maskwatch.train_detector import MASK_CHANNEL, augment, encode_targets, learning_rate_at
+
+
+def test_letterbox_scales_the_long_side_and_pads_to_a_multiple_of_32():
+    image = np.full((300, 400, 3), 7, np.uint8)
+    boxed, scale = centernet.letterbox(image, 640)
+    assert scale == pytest.approx(1.6)
+    assert boxed.shape == (480, 640, 3)
+    boxed, scale = centernet.letterbox(np.full((301, 400, 3), 7, np.uint8), 640)
+    assert boxed.shape == (512, 640, 3)  # 482 rows padded up to 512
+    assert (boxed[:481] == 7).all() and (boxed[482:] == centernet.PAD_VALUE).all()
+
+
+def perfect_heads(targets: np.ndarray) -> np.ndarray:
+    """What a perfect network would output for these targets: the encoding read back as a prediction."""
+    return targets[..., :centernet.OUTPUT_CHANNELS].copy()
+
+
+def test_decoding_perfect_heads_gives_back_the_boxes_and_classes():
+    boxes = np.array([[10.0, 12.0, 22.0, 27.0],  # a 12 x 15 px face
+                      [100.0, 40.0, 160.0, 110.0],
+                      [30.0, 90.0, 35.5, 96.0]], np.float32)  # 5.5 x 6 px: smaller than two cells
+    labels = np.array([0, 2, 1])
+    targets = encode_targets(boxes, labels, 128 // centernet.STRIDE, 192 // centernet.STRIDE)
+    assert targets[..., MASK_CHANNEL].sum() == 3
+    scale = 0.5  # network pixels per photo pixel
+    found, scores, probabilities = centernet.decode(perfect_heads(targets), scale, score_threshold=0.5)
+    order = np.argsort(found[:, 0])
+    expected_order = np.argsort(boxes[:, 0])
+    np.testing.assert_allclose(found[order], boxes[expected_order] / scale, atol=1e-3)
+    assert (scores == 1.0).all()
+    np.testing.assert_array_equal(probabilities[order].argmax(axis=1), labels[expected_order])
+
+
+def test_find_peaks_keeps_local_maxima_above_the_threshold_best_first():
+    heat = np.zeros((8, 8), np.float32)
+    heat[2, 2], heat[2, 3] = 0.9, 0.8  # 0.8 sits beside a higher neighbour: not a peak
+    heat[6, 6], heat[0, 7] = 0.6, 0.2
+    rows, cols = centernet.find_peaks(heat, 0.3, max_peaks=10)
+    assert list(zip(rows, cols)) == [(2, 2), (6, 6)]
+    rows, _ = centernet.find_peaks(heat, 0.3, max_peaks=1)
+    assert len(rows) == 1
+
+
+def test_encode_targets_marks_each_centre_and_keeps_the_small_face_in_a_shared_cell():
+    boxes = np.array([[0.0, 0.0, 64.0, 64.0], [28.0, 28.0, 36.0, 36.0]], np.float32)  # same centre cell
+    targets = encode_targets(boxes, np.array([0, 2]), 16, 16)
+    assert targets[8, 8, MASK_CHANNEL] == 1.0 and targets[..., MASK_CHANNEL].sum() == 1
+    assert np.exp(targets[8, 8, centernet.SIZE_CHANNELS]) * centernet.STRIDE == pytest.approx([8.0, 8.0])
+    assert targets[8, 8, centernet.CLASS_CHANNELS.start + 2] == 1.0  # the small face's class peak
+    assert targets[..., 0].max() == 1.0 and (targets[..., :4] >= 0).all() and (targets[..., :4] <= 1).all()
+
+
+def test_augment_moves_boxes_with_the_pixels():
+    rng = np.random.default_rng(0)
+    config = DetectorTrainConfig(input_side=256, train_canvas=256)
+    image = np.zeros((200, 300, 3), np.uint8)
+    box = np.array([[120.0, 60.0, 180.0, 130.0]], np.float32)
+    image[60:130, 120:180] = 255
+    for _ in range(20):
+        canvas, boxes, labels = augment(image, box, np.array([1]), config, rng)
+        assert canvas.shape == (256, 256, 3) and canvas.dtype == np.uint8
+        assert len(boxes) == len(labels) <= 1
+        if len(boxes):
+            x0, y0, x1, y1 = np.round(boxes[0]).astype(int)
+            assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+            inside = canvas[y0 + 2:y1 - 2, x0 + 2:x1 - 2].mean()
+            assert inside > 150 > canvas.mean()  # the white face is where its box says
+
+
+def test_learning_rate_warms_up_then_decays_to_one_percent():
+    config = DetectorTrainConfig(learning_rate=1e-3, warmup_epochs=3)
+    warm = [learning_rate_at(0.0, epoch, config) for epoch in range(3)]
+    assert warm == sorted(warm) and warm[-1] < 1e-3
+    assert learning_rate_at(3 / 100, 3, config) == pytest.approx(1e-3, rel=0.01)
+    assert learning_rate_at(0.5, 50, config) == pytest.approx(0.505e-3)
+    assert learning_rate_at(1.0, 99, config) == pytest.approx(1e-5)
