@@ -122,6 +122,14 @@ def mask_detector(serve_settings):
     return MaskDetector.from_settings(serve_settings)
 
 
+def cli_env(work: Path, data_dir: Path) -> dict:
+    """Environment for a CLI run in `work`: the real data set, artifacts and the SQLite store kept inside it."""
+    env = {**os.environ, "MASKWATCH_DATA_DIR": str(data_dir), "MASKWATCH_WORK_DIR": str(work / "artifacts")}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: mlflow.db in the working folder
+    env.pop("MASKWATCH_TRACKING_URI", None)
+    return env
+
+
 def free_port() -> int:
     import socket
 

@@ -283,6 +283,14 @@ def fit_box_adjustment(face_detector, faces: pd.DataFrame, min_iou: float = 0.3,
     return {"box_adjust": [round(float(np.median(v)), 3) for v in (dx, dy, sw, sh)], "pairs": len(truth)}
 
 
+def detection_metric_values(metrics: dict, prefix: str = "det_") -> dict[str, float]:
+    """evaluate_detection's figures as flat MLflow metrics: <prefix>ap50_<class>, map50, recall by size..."""
+    values = {f"{prefix}ap50_{k}": v for k, v in metrics["ap50_per_class"].items()}
+    values |= {f"{prefix}map50": metrics["map50"], f"{prefix}face_recall": metrics["face_recall"],
+               f"{prefix}ms_per_photo": metrics["ms_per_photo"]}
+    return values | {f"{prefix}recall_{k}": v for k, v in metrics["face_recall_by_size"].items() if v is not None}
+
+
 def format_detection_summary(metrics: dict) -> str:
     lines = [f"photos: {metrics['photos']}   faces: {metrics['faces']}   mAP@{metrics['iou_threshold']}: "
              f"{metrics['map50']:.3f}   face recall: {metrics['face_recall']:.3f}   "

@@ -1,15 +1,20 @@
-"""The main job: prepare -> train (two phases) -> evaluate -> log -> register -> compare and promote."""
+"""The main job: prepare -> train (two phases) -> evaluate -> log -> register -> compare and promote.
+
+Also the face detector's job: train it on the photos, export it, evaluate detection, log it (run_detector_job).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import pandas as pd
 
 from maskwatch import tracking
 from maskwatch.bundle import ModelMetadata, read_metadata, save_bundle, write_metadata
@@ -19,6 +24,9 @@ from maskwatch.export import export_model
 from maskwatch.evaluate import (EvaluationResult, evaluate_model, format_summary, plot_confusion_matrix,
                                 predict_probabilities, tune_class_bias)
 from maskwatch.train import TrainingHistory, plot_history, train_model
+
+if TYPE_CHECKING:
+    from maskwatch.train_detector import DetectorHistory
 
 log = logging.getLogger(__name__)
 
@@ -141,4 +149,101 @@ def summary_text(result: JobResult, settings: Settings) -> str:
         f"registry: version {result.decision.version}, promoted={result.decision.promoted} ({result.decision.reason})",
         f"MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri}   (then open http://127.0.0.1:5000)",
     ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the face detector's job
+
+
+@dataclass
+class DetectorJobResult:
+    run_id: str
+    model_dir: Path  # face_detector.keras and face_detector.onnx
+    history: DetectorHistory | None  # None for a model trained elsewhere without its history.csv
+    metrics_alone: dict  # the detector's own class opinion
+    metrics_with_classifier: dict | None  # with the classifier (and class_fusion); None if none could be loaded
+    classifier_uri: str
+    wall_seconds: float
+
+
+def run_detector_job(settings: Settings, trained: Path | None = None, classifier_uri: str | None = None,
+                     run_name: str | None = None) -> DetectorJobResult:
+    """Train the face detector on the training photos (or take one trained elsewhere, e.g. on a GPU machine),
+    export it to ONNX, and score detection on the test photos, alone and with the classifier; one MLflow run."""
+    from maskwatch.data import split_faces
+    from maskwatch.detect import MaskDetector, Predictor, create_face_detector
+    from maskwatch.evaluate import detection_metric_values, evaluate_detection
+    from maskwatch.train_detector import DetectorHistory, export_onnx, photos_from_faces, train_face_detector
+
+    started = time.perf_counter()
+    tracking.configure(settings)
+    train_df, val_df, test_df = split_faces(settings)
+    classifier_uri = classifier_uri or settings.serve.model_uri or settings.champion_uri
+    with tracking.training_run(settings, run_name or "face-detector", tags={"maskwatch.model": "face_detector"}) as run_id:
+        model_dir = settings.work_dir / "runs" / run_id / "face_detector"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        model_file, history = model_dir / "face_detector.keras", None
+        tracking.log_metrics({f"photos_{name}": frame["image_path"].nunique()
+                              for name, frame in (("train", train_df), ("val", val_df), ("test", test_df))})
+        if trained:
+            shutil.copy2(trained, model_file)
+            tracking.set_tags({"trained_elsewhere": str(trained)})
+            if (Path(trained).parent / "history.csv").is_file():  # the other machine's epochs, if it kept them
+                history = DetectorHistory.from_frame(pd.read_csv(Path(trained).parent / "history.csv"))
+                _log_detector_history(history, model_dir)
+                for step, record in enumerate(history.epochs, start=1):
+                    tracking.log_metrics({f"detector_{k}": v for k, v in record.items()}, step=step)
+        else:
+            history, _ = train_face_detector(photos_from_faces(train_df), photos_from_faces(val_df), model_file,
+                                             settings.detector_train,
+                                             extra_callbacks=tracking.epoch_logger_factory()("detector", 0))
+            _log_detector_history(history, model_dir)
+        onnx_file = export_onnx(model_file, model_dir / "face_detector.onnx")
+        tracking.log_artifact(model_file, "face_detector")
+        tracking.log_artifact(onnx_file, "face_detector")
+        detector_config = settings.detector.model_copy(update={"backend": "centernet",
+                                                               "trained_model_path": onnx_file})
+        face_detector = create_face_detector(detector_config)
+        alone = evaluate_detection(MaskDetector(None, face_detector), test_df)
+        tracking.log_metrics(detection_metric_values(alone, prefix="det_alone_"))
+        tracking.log_dict(alone, "detection_metrics_alone.json")
+        with_classifier = None
+        try:
+            predictor = Predictor.from_path(tracking.resolve_model_uri(classifier_uri, settings),
+                                            settings.serve.runtime)
+        except Exception as error:  # no champion yet, unknown alias, store down: the detector alone still counts
+            log.warning("detection not scored with a classifier (%s): %s", classifier_uri, error)
+        else:
+            with_classifier = evaluate_detection(
+                MaskDetector(predictor, face_detector, detector_config.class_fusion), test_df)
+            tracking.log_metrics(detection_metric_values(with_classifier))
+            tracking.log_dict(with_classifier, "detection_metrics.json")
+        wall = time.perf_counter() - started
+        tracking.log_metrics({"wall_seconds": wall})
+    return DetectorJobResult(run_id, model_dir, history, alone, with_classifier, classifier_uri, wall)
+
+
+def _log_detector_history(history, model_dir: Path) -> None:
+    from maskwatch.train_detector import plot_history as plot_detector_history
+
+    history.to_frame().to_csv(model_dir / "history.csv", index=False)
+    plot_detector_history(history, model_dir / "training_curves.png")
+    tracking.log_artifact(model_dir / "history.csv", "training")
+    tracking.log_artifact(model_dir / "training_curves.png", "training")
+    tracking.log_metrics({"seconds_per_epoch_detector": float(np.mean(history.epoch_seconds))})
+
+
+def detector_summary_text(result: DetectorJobResult) -> str:
+    from maskwatch.evaluate import format_detection_summary
+
+    lines = ["", "=== maskwatch: face detector job finished ===",
+             f"run id: {result.run_id}   wall time: {result.wall_seconds / 60:.1f} min",
+             f"model: {result.model_dir / 'face_detector.onnx'}", "",
+             "detector alone (its own class opinion), test photos:", format_detection_summary(result.metrics_alone)]
+    if result.metrics_with_classifier:
+        lines += ["", f"with the classifier {result.classifier_uri}:",
+                  format_detection_summary(result.metrics_with_classifier)]
+    lines += ["", "use it: --set detector.backend=centernet --set "
+                  f"detector.trained_model_path={result.model_dir / 'face_detector.onnx'}"
+                  " (or MASKWATCH_DETECTOR_PATH)"]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
-COMMANDS = [[], ["data"], ["data", "prepare"], ["train"], ["evaluate"], ["predict"], ["serve"], ["webcam"],
+COMMANDS = [[], ["data"], ["data", "prepare"], ["train"], ["train-detector"], ["evaluate"], ["predict"], ["serve"], ["webcam"],
             ["export"], ["models"], ["models", "list"], ["models", "promote"], ["config"], ["config", "show"]]
 BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 BENCHMARKS = sorted(p for p in BENCHMARK_DIR.glob("*.py") if p.name != "common.py")

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-TRAINING_MODULES = {"maskwatch.train", "maskwatch.pipeline", "maskwatch.model", "maskwatch.data",
+TRAINING_MODULES = {"maskwatch.train", "maskwatch.train_detector", "maskwatch.pipeline", "maskwatch.model", "maskwatch.data",
                     "maskwatch.evaluate", "keras", "tensorflow", "mlflow"}
 
 

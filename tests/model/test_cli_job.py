@@ -1,7 +1,6 @@
 """The CLI end to end: train (tiny), evaluate --json, models list / promote."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,9 @@ MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     work = tmp_path_factory.mktemp("cli")
-    env = {**os.environ, "MASKWATCH_DATA_DIR": str(data_dir), "MASKWATCH_WORK_DIR": str(work / "artifacts")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MASKWATCH_TRACKING_URI", None)
+    from conftest import cli_env
+
+    env = cli_env(work, data_dir)
     args = ["--set", "data.max_photos=24", "--set", "train.phase1_epochs=1", "--set", "train.phase2_epochs=1",
             "--set", "evaluate.bootstrap_samples=200"]
     out = subprocess.run([MASKWATCH, "train", *args], capture_output=True, text=True, timeout=600, env=env, cwd=work)

@@ -1,0 +1,231 @@
+"""The trained face detector: network shape, loss, overfitting one batch, ONNX export, and the CLI job."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from maskwatch import centernet
+from maskwatch.config import DetectorConfig, load_settings
+from maskwatch.data import split_faces
+from maskwatch.train_detector import (build_face_detector, detection_loss, encode_targets, letterboxed_sample,
+                                      photos_from_faces)
+
+MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
+
+
+@pytest.fixture(scope="module")
+def two_photos(data_dir):
+    settings = load_settings(overrides={"data": {"source_dir": str(data_dir)}}, environ={})
+    train, _, _ = split_faces(settings)
+    picks = sorted(train.photo_id.unique())[:2]
+    photos = photos_from_faces(train[train.photo_id.isin(picks)], progress=False)
+    images, targets = [], []
+    for image, boxes, labels in zip(photos.images, photos.boxes, photos.labels):
+        canvas, scaled = letterboxed_sample(image, boxes, 256)
+        images.append(canvas)
+        targets.append(encode_targets(scaled, labels, 64, 64))
+    return np.stack(images).astype("float32"), np.stack(targets), photos
+
+
+def test_network_maps_any_multiple_of_32_to_stride_4_heads():
+    model = build_face_detector(weights=None)
+    out = keras.ops.convert_to_numpy(model(np.zeros((1, 96, 160, 3), "float32")))
+    assert out.shape == (1, 24, 40, centernet.OUTPUT_CHANNELS)
+    assert (out[..., :4] > 0).all() and (out[..., :4] < 0.2).all()  # heat maps start near "no face"
+    assert ((out[..., centernet.OFFSET_CHANNELS] >= 0) & (out[..., centernet.OFFSET_CHANNELS] <= 1)).all()
+
+
+def test_loss_is_lower_for_the_right_answer(two_photos):
+    _, targets, _ = two_photos
+    perfect = targets[..., :centernet.OUTPUT_CHANNELS]
+    rng = np.random.default_rng(0)
+    noisy = perfect.copy()
+    noisy[..., :4] = rng.uniform(0.0, 0.3, noisy[..., :4].shape)
+    right = keras.ops.convert_to_numpy(detection_loss(targets, perfect))
+    wrong = keras.ops.convert_to_numpy(detection_loss(targets, noisy))
+    assert right.shape == (2,) and (right < 0.05).all() and (wrong > 10 * right.max() + 1).all()
+
+
+def test_class_weights_scale_only_their_class_heat_map(two_photos):
+    _, targets, _ = two_photos
+    wrong_class = targets[..., :centernet.OUTPUT_CHANNELS].copy()
+    wrong_class[..., 3] = 0.5  # the incorrect-mask map is wrong everywhere; everything else is right
+    plain = keras.ops.convert_to_numpy(detection_loss(targets, wrong_class))
+    heavy = keras.ops.convert_to_numpy(detection_loss(targets, wrong_class, class_weights=(1.0, 1.0, 4.0)))
+    light = keras.ops.convert_to_numpy(detection_loss(targets, wrong_class, class_weights=(4.0, 4.0, 1.0)))
+    np.testing.assert_allclose(heavy, 4 * plain, rtol=0.02)  # nearly all of the loss sits in that map
+    np.testing.assert_allclose(light, plain, rtol=0.02)
+
+
+def test_frozen_backbone_batchnorm_stays_in_inference_mode():
+    model = build_face_detector(weights=None, backbone_batchnorm="frozen")
+    backbone = model.get_layer("backbone")
+    norms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 52 and not any(layer.trainable for layer in norms)
+    assert model.get_layer("smooth_4_bn").trainable  # the new pyramid's own norms still learn
+    assert all(layer.trainable for layer in build_face_detector(weights=None).get_layer("backbone").layers
+               if isinstance(layer, keras.layers.BatchNormalization))
+    with pytest.raises(ValueError, match="backbone_batchnorm"):
+        build_face_detector(weights=None, backbone_batchnorm="sometimes")
+
+
+def test_overfits_one_batch(two_photos):
+    """Two real photos, 60 steps: the loss falls by far and the decoded peaks land on the annotated faces."""
+    images, targets, photos = two_photos
+    keras.utils.set_random_seed(0)
+    model = build_face_detector()
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss=detection_loss)
+    history = model.fit(images, targets, batch_size=2, epochs=60, verbose=0).history["loss"]
+    assert history[-1] < 0.2 * history[0], history[::10]
+    # Batch statistics, as in the steps: 60 steps are too few for BatchNormalization's moving averages.
+    heads = keras.ops.convert_to_numpy(model(images, training=True))
+    from maskwatch.evaluate import _iou
+
+    matched = total = 0
+    for i, (image, boxes) in enumerate(zip(photos.images, photos.boxes)):
+        _, scale = centernet.letterbox(image, 256)
+        found, _, _ = centernet.decode(heads[i], scale, score_threshold=0.2)
+        total += len(boxes)
+        matched += sum(int((_iou(box, found) >= 0.5).any()) for box in boxes)
+    assert matched >= 0.7 * total, (matched, total)
+
+
+def test_onnx_export_matches_keras(tmp_path):
+    from maskwatch.train_detector import export_onnx
+
+    model = build_face_detector(weights=None)
+    model.save(tmp_path / "face_detector.keras")
+    onnx_file = export_onnx(tmp_path / "face_detector.keras", tmp_path / "face_detector.onnx")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    for shape in ((1, 64, 96, 3), (2, 128, 128, 3)):  # the export keeps a free input size
+        x = np.random.default_rng(1).uniform(0, 255, shape).astype("float32")
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0],
+                                   keras.ops.convert_to_numpy(model(x)), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the CLI job, tiny
+
+
+@pytest.fixture(scope="module")
+def detector_job(tmp_path_factory, data_dir):
+    work = tmp_path_factory.mktemp("detjob")
+    from conftest import cli_env
+
+    env = cli_env(work, data_dir)
+    args = ["--preset", "quick", "--set", "data.max_photos=16", "--set", "detector_train.epochs=2",
+            "--set", "detector_train.batch_size=4", "--set", "detector_train.train_canvas=192",
+            "--set", "detector_train.input_side=192"]
+    out = subprocess.run([MASKWATCH, "train-detector", *args], capture_output=True, text=True, timeout=900,
+                         env=env, cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return work, env, args, out
+
+
+def test_train_detector_trains_exports_scores_and_logs(detector_job):
+    work, _, _, out = detector_job
+    assert "face detector job finished" in out.stdout and "mAP@0.5" in out.stdout
+    assert "detector epoch 2/2" in out.stdout + out.stderr
+    # No classifier in this fresh store: detection is scored with the detector's own classes, and it says so.
+    assert "not scored with a classifier" in out.stderr
+    onnx_files = list((work / "artifacts" / "runs").glob("*/face_detector/face_detector.onnx"))
+    assert len(onnx_files) == 1
+    run_dir = onnx_files[0].parent
+    assert (run_dir / "training_curves.png").is_file() and len(pd.read_csv(run_dir / "history.csv")) == 2
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    run = client.get_run(run_dir.parent.name)
+    assert 0.0 <= run.data.metrics["det_alone_map50"] <= 1.0 and "det_alone_recall_under_16" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "detector_loss")] == [1, 2]
+    assert run.data.params["detector_train.epochs"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "face_detector")}
+    assert artifacts == {"face_detector/face_detector.keras", "face_detector/face_detector.onnx"}
+
+
+def test_trained_detector_plugs_in_by_configuration(detector_job, data_dir):
+    from maskwatch.detect import MaskDetector, create_face_detector
+    from maskwatch.preprocessing import read_image
+
+    work, _, _, _ = detector_job
+    onnx_file = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.onnx"))
+    config = DetectorConfig(backend="centernet", trained_model_path=onnx_file, trained_input_side=192,
+                            trained_score_threshold=0.0)
+    detector = create_face_detector(config, num_threads=1)
+    image = read_image(data_dir / "images" / "maksssksksss13.jpg")
+    faces = detector.detect(image)
+    assert faces, "a threshold of 0 keeps every peak"
+    for face in faces:
+        x0, y0, x1, y1 = face.box
+        assert 0 <= x0 < x1 <= image.shape[1] and 0 <= y0 < y1 <= image.shape[0]
+        assert face.probabilities.shape == (3,) and face.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+    detections = MaskDetector(None, detector).detect(image)  # no classifier: the detector's own classes
+    assert [d.box for d in detections] == [f.box for f in faces]
+    assert all(d.label == max(d.probabilities, key=d.probabilities.get) for d in detections)
+
+
+def test_train_detector_refuses_a_missing_trained_file(detector_job):
+    work, env, args, _ = detector_job
+    out = subprocess.run([MASKWATCH, "train-detector", "--trained", str(work / "nope.keras"), *args],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=work)
+    assert out.returncode == 2 and "no trained detector at" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("fusion", [0.0, 1.0])
+def test_api_serves_the_trained_detector_and_fuses_its_classes(detector_job, tiny_bundle, data_dir, fusion):
+    """detector.backend=centernet through the API: faces from the trained detector; class_fusion decides whose
+    class opinion the label follows (1.0: the detector's own, 0.0: the classifier's)."""
+    from maskwatch.detect import Predictor, create_face_detector
+    from maskwatch.preprocessing import extract_faces, read_image
+    from maskwatch.serve import create_app
+
+    work, _, _, _ = detector_job
+    onnx_file = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.onnx"))
+    detector_settings = {"backend": "centernet", "trained_model_path": str(onnx_file), "trained_input_side": 192,
+                         "trained_score_threshold": 0.0, "class_fusion": fusion}
+    settings = load_settings(overrides={"paths": {"work_dir": str(work / "serve")}, "detector": detector_settings,
+                                        "serve": {"model_uri": str(tiny_bundle)}}, environ={})
+    photo = data_dir / "images" / "maksssksksss13.jpg"
+    response = create_app(settings).test_client().post("/v1/predict", data=photo.read_bytes(),
+                                                       content_type="image/jpeg")
+    assert response.status_code == 200, response.get_json()
+    detections = response.get_json()["detections"]
+    faces = create_face_detector(settings.detector, num_threads=1).detect(read_image(photo))
+    assert [tuple(d["box"]) for d in detections] == [f.box for f in faces] and faces
+    if fusion == 1.0:
+        expected = [f.probabilities for f in faces]
+    else:
+        predictor = Predictor.from_path(tiny_bundle, settings.serve.runtime)
+        expected = predictor.predict_inputs(extract_faces(read_image(photo), [f.box for f in faces],
+                                                          predictor.crop_spec))
+    got = [[d["probabilities"][name] for name in ("with_mask", "without_mask", "mask_weared_incorrect")]
+           for d in detections]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_detector_trained_elsewhere_is_exported_scored_and_logged_with_its_history(detector_job):
+    """--trained: the .keras from another machine (here: the first job's), with the history.csv beside it."""
+    work, env, args, _ = detector_job
+    first = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.keras"))
+    out = subprocess.run([MASKWATCH, "train-detector", "--trained", str(first), *args], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "detector epoch" not in out.stdout + out.stderr  # nothing was trained
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("maskwatch").experiment_id],
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    run = runs[0]
+    assert run.data.tags["trained_elsewhere"] == str(first)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "detector_loss")] == [1, 2]
+    assert "det_alone_map50" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "training")} == {
+        "training/history.csv", "training/training_curves.png"}
