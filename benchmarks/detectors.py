@@ -1,0 +1,100 @@
+"""YuNet vs the face detector trained on this data set (maskwatch train-detector), on the val and test photos.
+
+Each row: mAP@0.5, per-class AP, face recall by size and ms per photo (2 CPU threads here). The trained
+detector is scored alone (its own class opinion) and with the classifier at several class_fusion weights;
+its defaults (score threshold, fusion) are chosen on the val rows, never on test.
+
+    python benchmarks/detectors.py --detector artifacts/runs/<run>/face_detector/face_detector.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from common import REPO, default_model, detection_row, detection_setup, print_table, write_json
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detector", type=Path, default=os.environ.get("MASKWATCH_DETECTOR_PATH"),
+                        help="face_detector.onnx from maskwatch train-detector (default: $MASKWATCH_DETECTOR_PATH)")
+    parser.add_argument("--model", default=default_model(), help="the classifier")
+    parser.add_argument("--runtime", default="litert")
+    parser.add_argument("--fusions", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7])
+    parser.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.2],
+                        help="the trained detector's score thresholds")
+    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only time the face detectors (median ms per test photo, nothing else running)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default: results/detectors.json, or detectors_timing.json)")
+    args = parser.parse_args(argv)
+    if not args.detector or not Path(args.detector).is_file():
+        parser.error("--detector: no face_detector.onnx given or found (train one with maskwatch train-detector)")
+
+    from maskwatch.detect import MaskDetector, create_face_detector
+    from maskwatch.evaluate import evaluate_detection
+
+    settings, prepared, predictor = detection_setup(args.model, args.runtime)
+    results = REPO / "benchmarks" / "results"
+    if args.timing_only:
+        rows = time_detectors(settings, Path(args.detector), prepared.test_df)
+        print_table(rows, list(rows[0]))
+        write_json(args.out or results / "detectors_timing.json", {"detector": str(args.detector), "rows": rows})
+        return
+    frames = {"val": prepared.val_df, "test": prepared.test_df}
+    yunet = settings.detector
+    variants = [("yunet", yunet, True, 0.0),
+                ("yunet upscale@0.3", yunet.model_copy(update={"small_face_mode": "upscale", "score_threshold": 0.3}),
+                 True, 0.0)]
+    for threshold in args.thresholds:
+        trained = yunet.model_copy(update={"backend": "centernet", "trained_model_path": Path(args.detector),
+                                           "trained_score_threshold": threshold})
+        variants.append((f"trained@{threshold} alone", trained, False, 0.0))
+        variants += [(f"trained@{threshold}", trained, True, fusion) for fusion in args.fusions]
+    rows = []
+    for split in args.splits:
+        for label, config, with_classifier, fusion in variants:
+            detector = MaskDetector(predictor if with_classifier else None, create_face_detector(config), fusion)
+            metrics = evaluate_detection(detector, frames[split], progress=False)
+            rows.append({"split": split, "detector": label, "fusion": fusion if with_classifier else None,
+                         **detection_row(metrics)})
+            print(f"{split} {label} fusion {fusion}: mAP {metrics['map50']:.3f}", flush=True)
+    print_table(rows, list(rows[0]))
+    write_json(args.out or results / "detectors.json", {"detector": str(args.detector), "model": args.model, "runtime": args.runtime, "rows": rows})
+
+
+def time_detectors(settings, detector_path: Path, faces, repeats: int = 3) -> list[dict]:
+    """Face detection alone (no classifier), per test photo: median and p90 ms over all photos and repeats."""
+    import time
+
+    import numpy as np
+
+    from maskwatch.detect import create_face_detector
+    from maskwatch.preprocessing import read_image
+
+    photos = [read_image(path) for path in sorted(faces["image_path"].unique())]
+    configs = {"yunet": settings.detector,
+               "trained": settings.detector.model_copy(update={"backend": "centernet",
+                                                               "trained_model_path": detector_path})}
+    rows = []
+    for name, config in configs.items():
+        detector = create_face_detector(config)
+        detector.detect(photos[0])  # warm-up
+        times = []
+        for _ in range(repeats):
+            for photo in photos:
+                started = time.perf_counter()
+                detector.detect(photo)
+                times.append((time.perf_counter() - started) * 1e3)
+        rows.append({"detector": name, "photos": len(photos), "median_ms": float(np.median(times)),
+                     "p90_ms": float(np.percentile(times, 90))})
+    rows[1]["ratio_to_yunet"] = rows[1]["median_ms"] / rows[0]["median_ms"]
+    rows[0]["ratio_to_yunet"] = 1.0
+    return rows
+
+
+if __name__ == "__main__":
+    main()
