@@ -456,8 +456,8 @@ def _sample_grid(faces: pd.DataFrame, path: Path, per_class: int, seed: int) -> 
 # ----------------------------------------------------------------------------- the stage
 
 
-def prepare_data(settings: Settings, source_dir: Path | None = None) -> tuple[PreparedData, ScanResult]:
-    """Locate, scan, validate, crop, split and report. Crops are rewritten only when inputs change."""
+def _usable_faces(settings: Settings, source_dir: Path | None) -> tuple[Path, ScanResult, pd.DataFrame]:
+    """Locate and scan the data set; the faces it can use (the seeded subset when max_photos is set)."""
     data = settings.data
     source = Path(source_dir) if source_dir else locate_dataset(data, settings.work_dir)
     scan = scan_dataset(source)
@@ -466,6 +466,13 @@ def prepare_data(settings: Settings, source_dir: Path | None = None) -> tuple[Pr
         raise DataError(f"no usable faces in {source}: {scan.issue_counts()}")
     if data.max_photos:
         faces = subsample_photos(faces, data.max_photos, data.split_seed)
+    return source, scan, faces
+
+
+def prepare_data(settings: Settings, source_dir: Path | None = None) -> tuple[PreparedData, ScanResult]:
+    """Locate, scan, validate, crop, split and report. Crops are rewritten only when inputs change."""
+    data = settings.data
+    source, scan, faces = _usable_faces(settings, source_dir)
     spec = crop_spec_from(data)
     crops_dir = settings.work_dir / "crops" / _crops_key(source, spec, data.max_photos, data.split_seed)
     faces = _cached_or_new_crops(faces, spec, crops_dir, scan)
@@ -481,12 +488,7 @@ def prepare_data(settings: Settings, source_dir: Path | None = None) -> tuple[Pr
 def split_faces(settings: Settings, source_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The face rows of prepare_data's train/val/test photos, without cropping (the detector trains on photos)."""
     data = settings.data
-    source = Path(source_dir) if source_dir else locate_dataset(data, settings.work_dir)
-    faces = scan_dataset(source).faces
-    if faces.empty:
-        raise DataError(f"no usable faces in {source}")
-    if data.max_photos:
-        faces = subsample_photos(faces, data.max_photos, data.split_seed)
+    _, _, faces = _usable_faces(settings, source_dir)
     return split_by_photo(faces, data.val_fraction, data.test_fraction, data.split_seed)
 
 

@@ -72,3 +72,17 @@ def test_prepare_writes_crops_report_and_reuses_cache(small_prepared, settings_f
         assert (report_dir / name).stat().st_size > 0
     for frame in (prepared.train_df, prepared.val_df, prepared.test_df):
         assert (frame.label == "mask_weared_incorrect").any()
+
+
+def test_detector_photos_split_exactly_like_the_classifier_crops(small_prepared, data_dir, tmp_path):
+    """split_faces (the detector's photos, never cropped) puts every photo where prepare_data put its crops, so
+    the detector never trains on a photo whose faces the classifier is tested on."""
+    from maskwatch.config import load_settings
+    from maskwatch.data import split_faces
+
+    settings = load_settings(None, "full", {"paths": {"work_dir": str(tmp_path)},
+                                            "data": {"source_dir": str(data_dir), "max_photos": 24}}, environ={})
+    frames = split_faces(settings)
+    prepared = (small_prepared.train_df, small_prepared.val_df, small_prepared.test_df)
+    for faces, crops in zip(frames, prepared):
+        assert set(faces.photo_id) == set(crops.photo_id) and len(faces) == len(crops)
