@@ -140,8 +140,9 @@ class DetectorConfig(_Section):
 class DetectorTrainConfig(_Section):
     """The face-mask detector trained on this data set (maskwatch train-detector)."""
 
-    input_side: int = Field(640, ge=64, description="Photos' longer side at inference; training scales around it.")
-    train_canvas: int = Field(512, ge=64, description="Square training crop (multiple of 32).")
+    input_side: int = Field(640, ge=64, multiple_of=32,
+                            description="Photos' longer side at inference; training scales around it.")
+    train_canvas: int = Field(512, ge=64, multiple_of=32, description="Square training crop.")
     scale_range: tuple[float, float] = Field((0.6, 1.4), description="Random scale around input_side in training.")
     epochs: int = Field(140, ge=1)
     batch_size: int = Field(32, ge=1)

@@ -180,7 +180,7 @@ def batch_sampler(photos: DetectionPhotos, config: DetectorTrainConfig, training
             self.epoch += 1
 
         def __getitem__(self, index):
-            if training:
+            if training:  # fresh draws every batch: weights start seeded, augmentation is not replayed
                 rng = np.random.default_rng([seed, self.epoch, index, time.time_ns() % 2**32])
                 picks = rng.choice(len(photos), size=min(config.batch_size, len(photos)), replace=False)
             else:

@@ -48,3 +48,13 @@ def test_default_tracking_store_is_sqlite_in_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Settings().tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert Settings().to_flat_dict()["train.phase1_epochs"] == 20
+
+
+def test_detector_sizes_must_suit_the_backbone():
+    """The detector's network halves its input five times: its sizes are multiples of 32."""
+    from maskwatch.config import DetectorTrainConfig
+
+    assert DetectorTrainConfig(input_side=800, train_canvas=384).input_side == 800
+    for field in ("input_side", "train_canvas"):
+        with pytest.raises(ValidationError, match="multiple of 32"):
+            DetectorTrainConfig(**{field: 600})
