@@ -181,12 +181,13 @@ def evaluate(model: ModelOpt = None,
 
 def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, as_json: bool) -> None:
     from maskwatch import tracking
-    from maskwatch.detect import DetectorModelError, MaskDetector, Predictor, create_face_detector
+    from maskwatch.detect import DetectorModelError, MaskDetector, Predictor, create_face_detector, for_evaluation
     from maskwatch.evaluate import detection_metric_values, evaluate_detection, format_detection_summary
 
     try:
         mask_detector = MaskDetector(Predictor.from_path(bundle, settings.serve.runtime),
-                                     create_face_detector(settings.detector), settings.detector.class_fusion)
+                                     create_face_detector(for_evaluation(settings.detector)),
+                                     settings.detector.class_fusion)
     except DetectorModelError as error:
         _fail(str(error))
     metrics = evaluate_detection(mask_detector, prepared.test_df)

@@ -130,7 +130,11 @@ class DetectorConfig(_Section):
         None, description="backend 'centernet': the face_detector.onnx that `maskwatch train-detector` wrote.")
     trained_input_side: int = Field(640, ge=64, description="backend 'centernet': photos' longer side for it.")
     trained_score_threshold: float = Field(
-        0.05, ge=0.0, le=1.0, description="backend 'centernet': peak threshold (chosen on the val photos).")
+        0.3, ge=0.0, le=1.0, description="backend 'centernet': faces it reports (predict, serve, video).")
+    trained_eval_score_threshold: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="backend 'centernet': the threshold detection mAP is measured at (evaluate --detection, "
+                    "train-detector); average precision needs the low-score tail. Chosen on the val photos.")
     class_fusion: float = Field(
         0.5, ge=0.0, le=1.0,
         description="backend 'centernet': weight of its own class probabilities against the classifier's "

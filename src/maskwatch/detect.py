@@ -311,6 +311,12 @@ class TrainedFaceDetector:
         return _clip_and_filter(found, image.shape[1], image.shape[0], cfg.min_face_size)
 
 
+def for_evaluation(config: DetectorConfig) -> DetectorConfig:
+    """The detector settings that detection mAP is measured with: the trained detector keeps its low-score
+    peaks (trained_eval_score_threshold), as average precision needs; YuNet's settings are used as they are."""
+    return config.model_copy(update={"trained_score_threshold": config.trained_eval_score_threshold})
+
+
 def detection_scale(long_side: int, config: DetectorConfig) -> float:
     """Large photos shrink to max_side; small ones grow to min_side (at most by upscale_factor), one pass."""
     if long_side > config.max_side:

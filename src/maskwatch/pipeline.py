@@ -171,7 +171,7 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     """Train the face detector on the training photos (or take one trained elsewhere, e.g. on a GPU machine),
     export it to ONNX, and score detection on the test photos, alone and with the classifier; one MLflow run."""
     from maskwatch.data import split_faces
-    from maskwatch.detect import MaskDetector, Predictor, create_face_detector
+    from maskwatch.detect import MaskDetector, Predictor, create_face_detector, for_evaluation
     from maskwatch.evaluate import detection_metric_values, evaluate_detection
     from maskwatch.train_detector import DetectorHistory, export_onnx, photos_from_faces, train_face_detector
 
@@ -201,8 +201,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
         onnx_file = export_onnx(model_file, model_dir / "face_detector.onnx")
         tracking.log_artifact(model_file, "face_detector")
         tracking.log_artifact(onnx_file, "face_detector")
-        detector_config = settings.detector.model_copy(update={"backend": "centernet",
-                                                               "trained_model_path": onnx_file})
+        detector_config = for_evaluation(settings.detector.model_copy(update={"backend": "centernet",
+                                                                              "trained_model_path": onnx_file}))
         face_detector = create_face_detector(detector_config)
         alone = evaluate_detection(MaskDetector(None, face_detector), test_df)
         tracking.log_metrics(detection_metric_values(alone, prefix="det_alone_"))

@@ -120,3 +120,13 @@ def test_trained_detector_without_a_model_file_is_a_clear_error(tmp_path):
     corrupt.write_bytes(b"not an onnx model")
     with pytest.raises(DetectorModelError, match="not a loadable ONNX face detector"):
         create_face_detector(DetectorConfig(backend="centernet", trained_model_path=corrupt))
+
+
+def test_detection_is_scored_with_the_low_score_tail_but_served_without_it():
+    from maskwatch.detect import for_evaluation
+
+    config = DetectorConfig(backend="centernet", trained_score_threshold=0.3, trained_eval_score_threshold=0.05)
+    assert for_evaluation(config).trained_score_threshold == 0.05
+    assert for_evaluation(config).model_dump(exclude={"trained_score_threshold"}) == config.model_dump(
+        exclude={"trained_score_threshold"})
+    assert config.trained_score_threshold == 0.3  # the served settings are untouched
