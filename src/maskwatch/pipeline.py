@@ -192,7 +192,7 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
                 history = DetectorHistory.from_frame(pd.read_csv(Path(trained).parent / "history.csv"))
                 _log_detector_history(history, model_dir)
                 for step, record in enumerate(history.epochs, start=1):
-                    tracking.log_metrics({f"detector_{k}": v for k, v in record.items()}, step=step)
+                    tracking.log_epoch("detector", step, record)
         else:
             history, _ = train_face_detector(photos_from_faces(train_df), photos_from_faces(val_df), model_file,
                                              settings.detector_train,

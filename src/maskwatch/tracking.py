@@ -147,6 +147,11 @@ def log_text(text: str, artifact_file: str) -> None:
     _mlflow().log_text(text, artifact_file)
 
 
+def log_epoch(phase: str, step: int, logs: dict[str, float]) -> None:
+    """One epoch's metrics as `<phase>_<metric>` and as `<metric>` (one continuous curve), at a global step."""
+    log_metrics({**{f"{phase}_{k}": v for k, v in logs.items()}, **logs}, step=step)
+
+
 def epoch_logger_factory() -> Callable[[str, int], list]:
     """Keras callbacks that log each epoch's metrics as `<phase>_<metric>` (step = global epoch)."""
     import keras
@@ -157,10 +162,7 @@ def epoch_logger_factory() -> Callable[[str, int], list]:
             self.phase, self.epoch_offset = phase, epoch_offset
 
         def on_epoch_end(self, epoch, logs=None):
-            step = self.epoch_offset + epoch + 1
-            metrics = {f"{self.phase}_{k}": v for k, v in (logs or {}).items()}
-            metrics.update({k: v for k, v in (logs or {}).items()})  # also one continuous curve per metric
-            log_metrics(metrics, step=step)
+            log_epoch(self.phase, self.epoch_offset + epoch + 1, logs or {})
 
     return lambda phase, offset: [EpochMetricsLogger(phase, offset)]
 
