@@ -155,22 +155,27 @@ def decode_yunet(outputs: dict[str, np.ndarray], padded_width: int, score_thresh
     return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 15), np.float32)
 
 
+def _onnx_session(path: Path, num_threads: int, failure: str):
+    """A CPU onnxruntime session for a face detector; an unloadable file is a DetectorModelError(failure: why)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # Idle pool threads must sleep, not spin: they would steal the cores the classifier runs on next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable models
+        raise DetectorModelError(f"{failure}: {err}") from err
+
+
 class _YuNetOnnxRuntime:
     """YuNet through onnxruntime: half the time of OpenCV 5.0's DNN on this model (benchmarks/load.py --variant)."""
 
     def __init__(self, path: Path, config: DetectorConfig, num_threads: int):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Idle pool threads must sleep, not spin: they would steal the cores the classifier runs on next.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own exception types for unreadable models
-            raise DetectorModelError(f"onnxruntime cannot load YuNet model {path}: {err}") from err
+        self._session = _onnx_session(path, num_threads, f"onnxruntime cannot load YuNet model {path}")
         self._input = self._session.get_inputs()[0].name
         self._names = [output.name for output in self._session.get_outputs()]
         self.config = config
@@ -281,8 +286,6 @@ class TrainedFaceDetector:
     """
 
     def __init__(self, config: DetectorConfig, num_threads: int | None = None):
-        import onnxruntime as ort
-
         self.config = config
         path = config.trained_model_path
         if path is None or not Path(path).is_file():
@@ -290,13 +293,8 @@ class TrainedFaceDetector:
                 f"detector.backend is 'centernet' but detector.trained_model_path ({path}) is not a file: "
                 "train one with `maskwatch train-detector` and point the setting (or MASKWATCH_DETECTOR_PATH) "
                 "at its face_detector.onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = num_threads or os.cpu_count() or 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see _YuNetOnnxRuntime
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise DetectorModelError(f"{path} is not a loadable ONNX face detector: {err}") from err
+        self._session = _onnx_session(path, num_threads or os.cpu_count() or 1,
+                                      f"{path} is not a loadable ONNX face detector")
         self._input = self._session.get_inputs()[0].name
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:
