@@ -127,7 +127,8 @@ def train_detector_command(
         config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = None, data_dir: DataDirOpt = None,
         tracking_uri: TrackingOpt = None, work_dir: WorkDirOpt = None,
         trained: Annotated[Optional[Path], typer.Option(
-            help="Skip training: export and score this face_detector.keras (e.g. trained on a GPU machine).")] = None,
+            help="Skip training: export and score this face_detector.keras (e.g. trained on a GPU machine); "
+                 "history.csv and train_config.json beside it are logged too.")] = None,
         model: ModelOpt = None,
         run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None) -> None:
     """Train the face-mask detector on the data set's photos, export it to ONNX, score detection, log to MLflow.
@@ -136,6 +137,7 @@ def train_detector_command(
     About 7 minutes on one H100 (194 epochs); hours on 2 CPU cores: there --preset quick is a smoke run, and
     --set detector_train.time_budget_s=N ends a run in N seconds with its learning rate fully decayed.
     """
+    from maskwatch.detect import DetectorModelError
     from maskwatch.pipeline import detector_summary_text, run_detector_job
 
     settings = _settings(config, preset, set_, data_dir, tracking_uri, work_dir)
@@ -143,7 +145,7 @@ def train_detector_command(
         _fail(f"no trained detector at {trained}")
     try:
         result = run_detector_job(settings, trained=trained, classifier_uri=model, run_name=run_name)
-    except _known_errors() as error:
+    except (DetectorModelError, *_known_errors()) as error:
         _fail(str(error))
     typer.echo(detector_summary_text(result))
 

@@ -160,7 +160,11 @@ class DetectorTrainConfig(_Section):
         (1.0, 1.0, 1.0), description="Loss weight of each class's heat map (with, without, incorrect).")
     time_budget_s: float | None = Field(
         None, gt=0, description="Also end (learning rate fully decayed) after this many seconds; best epoch kept.")
-    seed: int = 42
+    checkpoint_metric: Literal["val_map50", "val_loss"] = Field(
+        "val_map50", description="The epoch kept: best detection mAP@0.5 on the val photos (what serving is judged "
+                                 "by), or lowest val loss.")
+    val_map_every: int = Field(5, ge=1, description="Measure val mAP every this many epochs, and at the last one.")
+    seed: int = Field(42, description="Weights and augmentation: the same seed draws the same batches.")
 
 
 class ServeConfig(_Section):

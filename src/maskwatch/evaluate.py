@@ -176,70 +176,94 @@ def _iou(box, others: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area + areas - inter, 1e-9)
 
 
+@dataclass
+class PhotoDetections:
+    """One photo for average precision: its annotated faces and what was found, in photo pixels."""
+
+    width: int
+    height: int
+    truth_boxes: np.ndarray  # N x 4 (x0, y0, x1, y1)
+    truth_classes: np.ndarray  # N class indices
+    found_boxes: np.ndarray  # M x 4
+    found_scores: np.ndarray  # M x classes: each found face is one hypothesis per class
+
+
+def average_precision_50(photos: list[PhotoDetections], class_names, iou_threshold: float = 0.5) -> dict[str, float]:
+    """Per-class AP at one IoU threshold, computed by pycocotools (all face sizes, up to 100 faces a photo)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    class_names = list(class_names)
+    images, annotations, results = [], [], []
+    for image_id, photo in enumerate(photos, start=1):
+        images.append({"id": image_id, "width": int(photo.width), "height": int(photo.height)})
+        for box, cls in zip(np.asarray(photo.truth_boxes, float).reshape(-1, 4), photo.truth_classes):
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, "area": float(w * h),
+                                "bbox": [float(box[0]), float(box[1]), float(w), float(h)],
+                                "category_id": int(cls) + 1})
+        for box, scores in zip(np.asarray(photo.found_boxes, float).reshape(-1, 4), photo.found_scores):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            results += [{"image_id": image_id, "category_id": index + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "score": float(score)} for index, score in enumerate(scores)]
+    per_class_ap = {name: 0.0 for name in class_names}
+    if not results:
+        return per_class_ap
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own progress and tables
+        ground_truth = COCO()
+        ground_truth.dataset = {"images": images, "annotations": annotations,
+                                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]}
+        ground_truth.createIndex()
+        evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), iouType="bbox")
+        evaluator.params.iouThrs = np.array([iou_threshold])
+        evaluator.params.maxDets = [1, 10, 100]
+        evaluator.params.areaRng = [[0, 1e10]]
+        evaluator.params.areaRngLbl = ["all"]
+        evaluator.evaluate()
+        evaluator.accumulate()
+    precision = evaluator.eval["precision"]  # [iou, recall, class, area, maxdets]
+    for index, name in enumerate(class_names):
+        values = precision[0, :, index, 0, -1]
+        values = values[values > -1]
+        per_class_ap[name] = float(values.mean()) if values.size else 0.0
+    return per_class_ap
+
+
 def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAMES, iou_threshold: float = 0.5,
                        progress: bool = True) -> dict:
     """Run detector + classifier on every photo of `faces` (ground-truth boxes) and score it with pycocotools.
 
     Each found face is scored once per class (face score x class probability), as multi-class detectors are.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
     from tqdm.auto import tqdm
 
     from maskwatch.preprocessing import read_image
 
     class_names = list(class_names)
-    images, annotations, results = [], [], []
+    scored: list[PhotoDetections] = []
     matched_by_size = {name: [0, 0] for name, _, _ in SIZE_BUCKETS}
     milliseconds = []
     photos = list(faces.groupby("image_path", sort=True))
-    for image_id, (image_path, truth) in enumerate(tqdm(photos, desc="detecting", unit="photo",
-                                                        disable=not progress), start=1):
+    for image_path, truth in tqdm(photos, desc="detecting", unit="photo", disable=not progress):
         image = read_image(image_path)
         started = time.perf_counter()
         detections = mask_detector.detect(image)
         milliseconds.append((time.perf_counter() - started) * 1e3)
-        images.append({"id": image_id, "width": int(image.shape[1]), "height": int(image.shape[0])})
         truth_boxes = truth[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=float)
-        for row, box in zip(truth.itertuples(), truth_boxes):
-            w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, "area": float(w * h),
-                                "bbox": [float(box[0]), float(box[1]), float(w), float(h)],
-                                "category_id": class_names.index(row.label) + 1})
         found = np.array([d.box for d in detections], dtype=float).reshape(-1, 4)
         for box in truth_boxes:  # class-agnostic recall by face size
             size = min(box[2] - box[0], box[3] - box[1])
             bucket = next(name for name, low, high in SIZE_BUCKETS if low <= size < high)
             matched_by_size[bucket][1] += 1
             matched_by_size[bucket][0] += int((_iou(box, found) >= iou_threshold).any())
-        for det in detections:
-            x0, y0, x1, y1 = (float(v) for v in det.box)
-            for index, name in enumerate(class_names):
-                results.append({"image_id": image_id, "category_id": index + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                "score": det.face_score * det.probabilities[name]})
-    import contextlib
-    import io
-
-    per_class_ap = {name: 0.0 for name in class_names}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own progress and tables
-        ground_truth = COCO()
-        ground_truth.dataset = {"images": images, "annotations": annotations,
-                                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]}
-        ground_truth.createIndex()
-        if results:
-            detections_coco = ground_truth.loadRes(results)
-            evaluator = COCOeval(ground_truth, detections_coco, iouType="bbox")
-            evaluator.params.iouThrs = np.array([iou_threshold])
-            evaluator.params.maxDets = [1, 10, 100]
-            evaluator.params.areaRng = [[0, 1e10]]
-            evaluator.params.areaRngLbl = ["all"]
-            evaluator.evaluate()
-            evaluator.accumulate()
-            precision = evaluator.eval["precision"]  # [iou, recall, class, area, maxdets]
-            for index, name in enumerate(class_names):
-                values = precision[0, :, index, 0, -1]
-                values = values[values > -1]
-                per_class_ap[name] = float(values.mean()) if values.size else 0.0
+        scores = np.array([[d.face_score * d.probabilities[name] for name in class_names] for d in detections],
+                          dtype=float).reshape(-1, len(class_names))
+        scored.append(PhotoDetections(image.shape[1], image.shape[0], truth_boxes,
+                                      truth["label"].map(class_names.index).to_numpy(), found, scores))
+    per_class_ap = average_precision_50(scored, class_names, iou_threshold)
     recall_by_size = {name: (hit / total if total else None) for name, (hit, total) in matched_by_size.items()}
     hits = sum(h for h, _ in matched_by_size.values())
     total = sum(t for _, t in matched_by_size.values())

@@ -18,12 +18,13 @@ import pandas as pd
 
 from maskwatch import tracking
 from maskwatch.bundle import ModelMetadata, read_metadata, save_bundle, write_metadata
-from maskwatch.config import CLASS_NAMES, Settings
+from maskwatch.config import CLASS_NAMES, DetectorTrainConfig, Settings
 from maskwatch.data import PreparedData, class_counts_table, crops_with_spec, label_indices, prepare_data
 from maskwatch.export import export_model
 from maskwatch.evaluate import (EvaluationResult, evaluate_model, format_summary, plot_confusion_matrix,
                                 predict_probabilities, tune_class_bias)
 from maskwatch.train import TrainingHistory, plot_history, train_model
+from maskwatch.train_detector import TRAIN_RECORD
 
 if TYPE_CHECKING:
     from maskwatch.train_detector import DetectorHistory
@@ -164,6 +165,7 @@ class DetectorJobResult:
     metrics_with_classifier: dict | None  # with the classifier (and class_fusion); None if none could be loaded
     classifier_uri: str
     wall_seconds: float
+    input_side: int  # photos' longer side it was trained around and scored at
 
 
 def run_detector_job(settings: Settings, trained: Path | None = None, classifier_uri: str | None = None,
@@ -179,6 +181,10 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     tracking.configure(settings)
     train_df, val_df, test_df = split_faces(settings)
     classifier_uri = classifier_uri or settings.serve.model_uri or settings.champion_uri
+    trained_record = _trained_elsewhere_record(trained)
+    if trained_record:  # the run's detector_train params are the ones the model was trained with
+        settings = settings.model_copy(update={"detector_train": DetectorTrainConfig.model_validate(
+            trained_record["detector_train"])})
     with tracking.training_run(settings, run_name or "face-detector", tags={"maskwatch.model": "face_detector"}) as run_id:
         model_dir = settings.work_dir / "runs" / run_id / "face_detector"
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +193,11 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
                               for name, frame in (("train", train_df), ("val", val_df), ("test", test_df))})
         if trained:
             shutil.copy2(trained, model_file)
-            tracking.set_tags({"trained_elsewhere": str(trained)})
+            tracking.set_tags({"trained_elsewhere": str(trained),
+                               "detector_train_params": "train_config.json beside the model" if trained_record
+                               else "this command's settings (no train_config.json beside the model)"})
+            if trained_record:
+                (model_dir / TRAIN_RECORD).write_text(json.dumps(trained_record, indent=2))
             if (Path(trained).parent / "history.csv").is_file():  # the other machine's epochs, if it kept them
                 history = DetectorHistory.from_frame(pd.read_csv(Path(trained).parent / "history.csv"))
                 _log_detector_history(history, model_dir)
@@ -196,13 +206,21 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
         else:
             history, _ = train_face_detector(photos_from_faces(train_df), photos_from_faces(val_df), model_file,
                                              settings.detector_train,
-                                             extra_callbacks=tracking.epoch_logger_factory()("detector", 0))
+                                             extra_callbacks=tracking.epoch_logger_factory()("detector", 0),
+                                             val_score_threshold=settings.detector.trained_eval_score_threshold)
             _log_detector_history(history, model_dir)
+        if (model_dir / TRAIN_RECORD).is_file():
+            tracking.log_artifact(model_dir / TRAIN_RECORD, "face_detector")
+            kept = json.loads((model_dir / TRAIN_RECORD).read_text()).get("best_epoch")
+            if kept:
+                tracking.log_metrics({"detector_best_epoch": kept})
         onnx_file = export_onnx(model_file, model_dir / "face_detector.onnx")
         tracking.log_artifact(model_file, "face_detector")
         tracking.log_artifact(onnx_file, "face_detector")
-        detector_config = for_evaluation(settings.detector.model_copy(update={"backend": "centernet",
-                                                                              "trained_model_path": onnx_file}))
+        # Scored at the side it was trained around, whatever detector.trained_input_side says.
+        input_side = settings.detector_train.input_side
+        detector_config = for_evaluation(settings.detector.model_copy(update={
+            "backend": "centernet", "trained_model_path": onnx_file, "trained_input_side": input_side}))
         face_detector = create_face_detector(detector_config)
         alone = evaluate_detection(MaskDetector(None, face_detector), test_df)
         tracking.log_metrics(detection_metric_values(alone, prefix="det_alone_"))
@@ -220,7 +238,22 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
             tracking.log_dict(with_classifier, "detection_metrics.json")
         wall = time.perf_counter() - started
         tracking.log_metrics({"wall_seconds": wall})
-    return DetectorJobResult(run_id, model_dir, history, alone, with_classifier, classifier_uri, wall)
+    return DetectorJobResult(run_id, model_dir, history, alone, with_classifier, classifier_uri, wall, input_side)
+
+
+def _trained_elsewhere_record(trained: Path | None) -> dict | None:
+    """train_config.json beside a detector trained elsewhere (train_face_detector writes it), if it is there."""
+    if not trained or not (Path(trained).parent / TRAIN_RECORD).is_file():
+        return None
+    path = Path(trained).parent / TRAIN_RECORD
+    try:
+        record = json.loads(path.read_text())
+        DetectorTrainConfig.model_validate(record["detector_train"])
+    except (ValueError, KeyError, TypeError) as error:  # json and pydantic errors are ValueErrors
+        from maskwatch.detect import DetectorModelError
+
+        raise DetectorModelError(f"{path} is not a train_config.json that maskwatch wrote: {error}") from error
+    return record
 
 
 def _log_detector_history(history, model_dir: Path) -> None:
@@ -245,5 +278,5 @@ def detector_summary_text(result: DetectorJobResult) -> str:
                   format_detection_summary(result.metrics_with_classifier)]
     lines += ["", "use it: --set detector.backend=centernet --set "
                   f"detector.trained_model_path={result.model_dir / 'face_detector.onnx'}"
-                  " (or MASKWATCH_DETECTOR_PATH)"]
+                  f" (or MASKWATCH_DETECTOR_PATH) --set detector.trained_input_side={result.input_side}"]
     return "\n".join(lines)

@@ -162,7 +162,7 @@ def letterboxed_sample(image: np.ndarray, boxes: np.ndarray, side: int) -> tuple
 
 
 def batch_sampler(photos: DetectionPhotos, config: DetectorTrainConfig, training: bool, seed: int):
-    """A keras.utils.PyDataset of (images, targets) batches; training batches are augmented afresh each time."""
+    """A keras.utils.PyDataset of (images, targets) batches; training batches are augmented afresh each epoch."""
     import keras
 
     class DetectionBatches(keras.utils.PyDataset):
@@ -180,8 +180,8 @@ def batch_sampler(photos: DetectionPhotos, config: DetectorTrainConfig, training
             self.epoch += 1
 
         def __getitem__(self, index):
-            if training:  # fresh draws every batch: weights start seeded, augmentation is not replayed
-                rng = np.random.default_rng([seed, self.epoch, index, time.time_ns() % 2**32])
+            if training:  # drawn from (seed, epoch, batch): reproducible whichever thread builds the batch
+                rng = np.random.default_rng([seed, self.epoch, index])
                 picks = rng.choice(len(photos), size=min(config.batch_size, len(photos)), replace=False)
             else:
                 rng = None
@@ -292,7 +292,9 @@ class DetectorHistory:
     def from_frame(cls, frame: pd.DataFrame) -> "DetectorHistory":
         """Back from history.csv (to_frame's layout), e.g. one written beside a model trained elsewhere."""
         metrics = frame.drop(columns=["epoch", "seconds"], errors="ignore")
-        return cls(metrics.to_dict("records"), frame.get("seconds", pd.Series(0.0, index=frame.index)).tolist())
+        records = [{k: v for k, v in record.items() if pd.notna(v)}  # val_map50 is measured every few epochs
+                   for record in metrics.to_dict("records")]
+        return cls(records, frame.get("seconds", pd.Series(0.0, index=frame.index)).tolist())
 
 
 def learning_rate_at(progress: float, epoch: int, config: DetectorTrainConfig) -> float:
@@ -303,7 +305,8 @@ def learning_rate_at(progress: float, epoch: int, config: DetectorTrainConfig) -
     return floor + 0.5 * (config.learning_rate - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _callbacks(config: DetectorTrainConfig, model_path: Path, history: DetectorHistory, extra: list):
+def _callbacks(config: DetectorTrainConfig, model_path: Path, history: DetectorHistory, extra: list,
+               val: DetectionPhotos, val_score_threshold: float):
     import keras
 
     class Schedule(keras.callbacks.Callback):
@@ -340,9 +343,63 @@ def _callbacks(config: DetectorTrainConfig, model_path: Path, history: DetectorH
                 self.model.stop_training = True
 
     # Weights only: a full checkpoint carries AdamW's two moments, three times the model's size.
-    checkpoint = keras.callbacks.ModelCheckpoint(str(best_weights_path(model_path)), monitor="val_loss",
-                                                 mode="min", save_best_only=True, save_weights_only=True)
-    return [Schedule(), checkpoint, *extra]
+    if config.checkpoint_metric == "val_loss":
+        checkpoint = keras.callbacks.ModelCheckpoint(str(best_weights_path(model_path)), monitor="val_loss",
+                                                     mode="min", save_best_only=True, save_weights_only=True)
+    else:
+        checkpoint = validation_map_callback(val, config, best_weights_path(model_path), history,
+                                             val_score_threshold)
+    return [Schedule(), checkpoint, *extra]  # in this order: the mAP joins the epoch's record before MLflow's
+
+
+def validation_map(model, photos: DetectionPhotos, side: int, score_threshold: float, batch_size: int,
+                   class_names=CLASS_NAMES) -> float:
+    """The detector alone on the val photos, as serving runs it: letterboxed to `side`, peaks from
+    `score_threshold`, each face one hypothesis per class (face score x its class probability); mAP@0.5."""
+    import keras
+
+    from maskwatch.centernet import decode
+    from maskwatch.evaluate import PhotoDetections, average_precision_50
+
+    scored = []
+    for start in range(0, len(photos), batch_size):
+        chunk = range(start, min(start + batch_size, len(photos)))
+        canvases = np.stack([letterboxed_sample(photos.images[i], photos.boxes[i], side)[0] for i in chunk])
+        heads = keras.ops.convert_to_numpy(model(canvases.astype(np.float32), training=False))
+        for i, out in zip(chunk, heads):
+            height, width = photos.images[i].shape[:2]
+            boxes, scores, probabilities = decode(out, side / max(height, width), score_threshold)
+            boxes = np.clip(boxes, 0, [width, height, width, height])
+            scored.append(PhotoDetections(width, height, photos.boxes[i], photos.labels[i], boxes,
+                                          scores[:, None] * probabilities))
+    return float(np.mean(list(average_precision_50(scored, class_names).values())))
+
+
+def validation_map_callback(val: DetectionPhotos, config: DetectorTrainConfig, weights_file: Path,
+                            history: DetectorHistory, score_threshold: float):
+    """Every config.val_map_every epochs and at the last: val mAP@0.5 into the epoch's logs and record, and the
+    weights saved when it is the best so far."""
+    import keras
+
+    class ValidationMAP(keras.callbacks.Callback):
+        best = -1.0
+
+        def on_epoch_end(self, epoch, logs=None):
+            last = epoch + 1 == config.epochs or self.model.stop_training  # a time budget ends it early
+            if (epoch + 1) % config.val_map_every and not last:
+                return
+            value = validation_map(self.model, val, config.input_side, score_threshold, config.batch_size)
+            if logs is not None:
+                logs["val_map50"] = value
+            history.epochs[-1]["val_map50"] = value
+            improved = value > self.best
+            if improved:
+                self.best = value
+                self.model.save_weights(weights_file)
+            print(f"detector epoch {epoch + 1}: val mAP@0.5 {value:.4f}" + ("  (best: kept)" if improved else ""),
+                  flush=True)
+
+    return ValidationMAP()
 
 
 def best_weights_path(model_path: Path) -> Path:
@@ -359,8 +416,10 @@ def save_inference_model(weights_file: Path, model_path: Path):
 
 def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path: Path,
                         config: DetectorTrainConfig, weights: str | None = "imagenet",
-                        extra_callbacks: list = ()) -> tuple[DetectorHistory, object]:
-    """Fit the detector; model_path gets the epoch with the lowest validation loss (weights beside it as .h5)."""
+                        extra_callbacks: list = (), val_score_threshold: float = 0.05
+                        ) -> tuple[DetectorHistory, object]:
+    """Fit the detector; model_path gets the best epoch by config.checkpoint_metric (weights beside it as .h5),
+    and train_config.json beside it says how it was trained (maskwatch train-detector --trained reads it)."""
     import keras
 
     keras.utils.set_random_seed(config.seed)
@@ -378,11 +437,43 @@ def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path
     model.fit(batch_sampler(train, config, training=True, seed=config.seed),
               validation_data=batch_sampler(val, config, training=False, seed=config.seed),
               epochs=config.epochs, verbose=0,
-              callbacks=_callbacks(config, model_path, history, list(extra_callbacks)))
+              callbacks=_callbacks(config, model_path, history, list(extra_callbacks), val, val_score_threshold))
     best = best_weights_path(model_path)
     if not best.is_file():  # no epoch finished with a finite validation loss
         model.save_weights(best)
+    write_train_record(model_path, config, history, train, val)
     return history, save_inference_model(best, model_path)
+
+
+TRAIN_RECORD = "train_config.json"
+
+
+def best_epoch(history: DetectorHistory, metric: str) -> int | None:
+    """1-based epoch the checkpoint kept, by the metric it was chosen on (None if no epoch has it)."""
+    values = [record.get(metric) for record in history.epochs]
+    scored = [(v, i) for i, v in enumerate(values, start=1) if v is not None and np.isfinite(v)]
+    if not scored:
+        return None
+    sign = 1.0 if metric == "val_map50" else -1.0  # mAP: higher is better; loss: lower; ties: the first
+    return max(scored, key=lambda pair: (sign * pair[0], -pair[1]))[1]
+
+
+def write_train_record(model_path: Path, config: DetectorTrainConfig, history: DetectorHistory,
+                       train: DetectionPhotos, val: DetectionPhotos) -> Path:
+    """train_config.json beside the model: the settings, backend and photos it was trained with, and the epoch
+    kept, so a model carried to another machine still says how it was made."""
+    import json
+
+    import keras
+
+    record = {"detector_train": config.model_dump(mode="json"), "backend": keras.backend.backend(),
+              "keras_version": keras.__version__, "photos_train": len(train), "photos_val": len(val),
+              "faces_train": train.face_count, "epochs_run": len(history.epochs),
+              "stopped_by_budget": history.stopped_by_budget,
+              "best_epoch": best_epoch(history, config.checkpoint_metric)}
+    path = Path(model_path).parent / TRAIN_RECORD
+    path.write_text(json.dumps(record, indent=2))
+    return path
 
 
 def export_onnx(model_file: Path, target: Path) -> Path:
@@ -411,8 +502,16 @@ def plot_history(history: DetectorHistory, path: Path) -> Path:
     ax.set_ylabel("detection loss (per face)")
     ax.set_yscale("log")
     ax.set_title("face detector training")
-    ax.legend()
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    if "val_map50" in frame and frame["val_map50"].notna().any():  # measured every few epochs
+        measured = frame.dropna(subset=["val_map50"])
+        right = ax.twinx()
+        handles += right.plot(measured["epoch"], measured["val_map50"], "o-", color="tab:green", label="val mAP@0.5")
+        labels.append("val mAP@0.5")
+        right.set_ylabel("val mAP@0.5")
+        right.set_ylim(0, 1)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)  # below: the curves fill the box
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -82,3 +82,13 @@ def test_learning_rate_warms_up_then_decays_to_one_percent():
     assert learning_rate_at(3 / 100, 3, config) == pytest.approx(1e-3, rel=0.01)
     assert learning_rate_at(0.5, 50, config) == pytest.approx(0.505e-3)
     assert learning_rate_at(1.0, 99, config) == pytest.approx(1e-5)
+
+
+def test_best_epoch_follows_the_checkpoint_metric():
+    from maskwatch.train_detector import DetectorHistory, best_epoch
+
+    history = DetectorHistory([{"val_loss": 3.0}, {"val_loss": 2.0, "val_map50": 0.4},
+                               {"val_loss": 2.0}, {"val_loss": 2.5, "val_map50": 0.6}])
+    assert best_epoch(history, "val_loss") == 2  # ties keep the first, as the checkpoint does
+    assert best_epoch(history, "val_map50") == 4  # only measured epochs count
+    assert best_epoch(DetectorHistory([{"val_loss": float("nan")}]), "val_loss") is None

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from maskwatch import centernet
-from maskwatch.config import DetectorConfig, load_settings
+from maskwatch.config import DetectorConfig, DetectorTrainConfig, load_settings
 from maskwatch.data import split_faces
 from maskwatch.train_detector import (build_face_detector, detection_loss, encode_targets, letterboxed_sample,
                                       photos_from_faces)
@@ -95,6 +95,65 @@ def test_overfits_one_batch(two_photos):
     assert matched >= 0.7 * total, (matched, total)
 
 
+@pytest.fixture(scope="module")
+def photos_of_every_class(data_dir):
+    """Four training photos between them showing all three classes."""
+    settings = load_settings(overrides={"data": {"source_dir": str(data_dir)}}, environ={})
+    train, _, _ = split_faces(settings)
+    picks = {photo for label in ("mask_weared_incorrect", "without_mask")
+             for photo in sorted(train[train.label == label].photo_id.unique())[:2]}
+    return photos_from_faces(train[train.photo_id.isin(picks)], progress=False)
+
+
+def _replayed_heads(photos, side: int, scramble_classes: bool = False):
+    """A stand-in network that outputs the encoded targets of each val photo in turn (a perfect detector), or
+    with the class maps rotated (it finds every face and names every one wrongly)."""
+    heads = []
+    for image, boxes, labels in zip(photos.images, photos.boxes, photos.labels):
+        _, scaled = letterboxed_sample(image, boxes, side)
+        target = encode_targets(scaled, labels, side // centernet.STRIDE, side // centernet.STRIDE)
+        head = target[..., :centernet.OUTPUT_CHANNELS].copy()
+        if scramble_classes:
+            head[..., centernet.CLASS_CHANNELS] = np.roll(head[..., centernet.CLASS_CHANNELS], 1, axis=-1)
+        heads.append(head)
+    batches = iter(heads)
+
+    def model(images, training=False):
+        assert not training and images.shape[1:] == (side, side, 3)
+        return np.stack([next(batches) for _ in range(len(images))])
+    return model
+
+
+def test_validation_map_scores_what_the_network_outputs(photos_of_every_class):
+    from maskwatch.train_detector import validation_map
+
+    photos = photos_of_every_class
+    assert {int(c) for labels in photos.labels for c in labels} == {0, 1, 2}
+    perfect = validation_map(_replayed_heads(photos, 640), photos, 640, 0.05, batch_size=3)
+    wrong = validation_map(_replayed_heads(photos, 640, scramble_classes=True), photos, 640, 0.05, batch_size=3)
+    assert perfect > 0.9, perfect  # faces sharing a stride-4 cell are the only ones a perfect map can lose
+    assert wrong < 0.5, wrong  # every true class is still there, ranked below all the wrong ones
+
+
+def test_training_batches_are_reproducible_from_the_seed(two_photos):
+    from maskwatch.train_detector import batch_sampler
+
+    _, _, photos = two_photos
+    config = DetectorTrainConfig(train_canvas=128, input_side=128, batch_size=2, loader_workers=2)
+
+    def batch(seed: int, epoch: int):
+        sampler = batch_sampler(photos, config, training=True, seed=seed)
+        for _ in range(epoch):
+            sampler.on_epoch_end()
+        return sampler[0]
+
+    first, again = batch(7, 0), batch(7, 0)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[0], batch(7, 1)[0])  # each epoch draws afresh
+    assert not np.array_equal(first[0], batch(8, 0)[0])
+
+
 def test_onnx_export_matches_keras(tmp_path):
     from maskwatch.train_detector import export_onnx
 
@@ -137,7 +196,16 @@ def test_train_detector_trains_exports_scores_and_logs(detector_job):
     onnx_files = list((work / "artifacts" / "runs").glob("*/face_detector/face_detector.onnx"))
     assert len(onnx_files) == 1
     run_dir = onnx_files[0].parent
-    assert (run_dir / "training_curves.png").is_file() and len(pd.read_csv(run_dir / "history.csv")) == 2
+    assert (run_dir / "training_curves.png").is_file()
+    history = pd.read_csv(run_dir / "history.csv")
+    # val mAP is measured every val_map_every (5) epochs and at the last, and picks the epoch kept.
+    assert len(history) == 2 and history["val_map50"].isna().tolist() == [True, False]
+    assert "detector epoch 2: val mAP@0.5" in out.stdout
+    import json
+
+    record = json.loads((run_dir / "train_config.json").read_text())
+    assert record["best_epoch"] == 2 and record["epochs_run"] == 2 and record["photos_train"] >= 1
+    assert record["detector_train"]["input_side"] == 192 and record["backend"] == "tensorflow"
 
     import mlflow
 
@@ -145,9 +213,13 @@ def test_train_detector_trains_exports_scores_and_logs(detector_job):
     run = client.get_run(run_dir.parent.name)
     assert 0.0 <= run.data.metrics["det_alone_map50"] <= 1.0 and "det_alone_recall_under_16" in run.data.metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "detector_loss")] == [1, 2]
+    val_map = client.get_metric_history(run.info.run_id, "detector_val_map50")
+    assert [m.step for m in val_map] == [2] and val_map[0].value == pytest.approx(history["val_map50"].iloc[1])
+    assert run.data.metrics["detector_best_epoch"] == 2
     assert run.data.params["detector_train.epochs"] == "2"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "face_detector")}
-    assert artifacts == {"face_detector/face_detector.keras", "face_detector/face_detector.onnx"}
+    assert artifacts == {"face_detector/face_detector.keras", "face_detector/face_detector.onnx",
+                         "face_detector/train_config.json"}
 
 
 def test_trained_detector_plugs_in_by_configuration(detector_job, data_dir):
@@ -214,8 +286,10 @@ def test_a_detector_trained_elsewhere_is_exported_scored_and_logged_with_its_his
     """--trained: the .keras from another machine (here: the first job's), with the history.csv beside it."""
     work, env, args, _ = detector_job
     first = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.keras"))
-    out = subprocess.run([MASKWATCH, "train-detector", "--trained", str(first), *args], capture_output=True,
-                         text=True, timeout=600, env=env, cwd=work)
+    # This command's detector_train settings differ from the training's: the run must log the training's.
+    out = subprocess.run([MASKWATCH, "train-detector", "--trained", str(first), *args,
+                          "--set", "detector_train.epochs=7"], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=work)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "detector epoch" not in out.stdout + out.stderr  # nothing was trained
     import mlflow
@@ -225,7 +299,26 @@ def test_a_detector_trained_elsewhere_is_exported_scored_and_logged_with_its_his
                               order_by=["attributes.start_time DESC"], max_results=1)
     run = runs[0]
     assert run.data.tags["trained_elsewhere"] == str(first)
+    assert run.data.params["detector_train.epochs"] == "2" and "train_config.json" in run.data.tags[
+        "detector_train_params"]
+    assert run.data.metrics["detector_best_epoch"] == 2
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "detector_val_map50")] == [2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "detector_loss")] == [1, 2]
     assert "det_alone_map50" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "training")} == {
         "training/history.csv", "training/training_curves.png"}
+
+
+def test_train_detector_refuses_a_broken_train_config(detector_job, tmp_path):
+    """A train_config.json beside --trained that maskwatch did not write: a clear error, and no run is opened."""
+    import shutil
+
+    work, env, args, _ = detector_job
+    first = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.keras"))
+    shutil.copy2(first, tmp_path / "face_detector.keras")
+    (tmp_path / "train_config.json").write_text('{"detector_train": {"epochs": "many"}}')
+    runs_before = len(list((work / "artifacts" / "runs").iterdir()))
+    out = subprocess.run([MASKWATCH, "train-detector", "--trained", str(tmp_path / "face_detector.keras"), *args],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=work)
+    assert out.returncode == 2 and "is not a train_config.json that maskwatch wrote" in out.stderr
+    assert "Traceback" not in out.stderr and len(list((work / "artifacts" / "runs").iterdir())) == runs_before
