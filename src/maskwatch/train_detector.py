@@ -477,14 +477,34 @@ def write_train_record(model_path: Path, config: DetectorTrainConfig, history: D
 
 
 def export_onnx(model_file: Path, target: Path) -> Path:
-    """The trained detector as ONNX with a free input size (N x H x W x 3, H and W divisible by 32)."""
+    """The trained detector as ONNX with a free input size (N x H x W x 3, H and W divisible by 32).
+
+    Always through TensorFlow (tf2onnx): Keras' JAX export needs jax2onnx and fixed spatial sizes, so under
+    another backend the backend-neutral .keras file is exported by a TensorFlow subprocess.
+    """
     import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return _export_onnx_with_tensorflow(model_file, target)
     import tensorflow as tf
 
     model = keras.models.load_model(model_file, compile=False)
     model.export(str(target), format="onnx", verbose=False,
                  input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="image")])
     return target
+
+
+def _export_onnx_with_tensorflow(model_file: Path, target: Path) -> Path:
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from maskwatch.train_detector import export_onnx; export_onnx(sys.argv[1], sys.argv[2])"
+    done = subprocess.run([sys.executable, "-c", code, str(model_file), str(target)], capture_output=True, text=True,
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    if done.returncode != 0:
+        raise RuntimeError(f"ONNX export of {model_file} under TensorFlow failed:\n{done.stderr[-3000:]}")
+    return Path(target)
 
 
 def plot_history(history: DetectorHistory, path: Path) -> Path:

@@ -1,0 +1,64 @@
+"""The face detector under KERAS_BACKEND=jax, the route a GPU machine takes: built, exported and trained through
+maskwatch's own code on this CPU (each in a subprocess, since a process's Keras backend is fixed at import)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("jax", reason="jax is in the dev extra for Python >= 3.11")
+
+MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
+
+
+def jax_env(base: dict | None = None) -> dict:
+    return {**(base or os.environ), "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+
+
+def test_a_detector_built_under_jax_exports_to_onnx_with_the_same_outputs(tmp_path):
+    """Keras' own JAX export cannot give a free input size; export_onnx hands the .keras file to TensorFlow."""
+    script = f"""
+import keras, numpy as np, onnxruntime as ort
+from maskwatch.train_detector import build_face_detector, export_onnx
+assert keras.backend.backend() == "jax"
+keras.utils.set_random_seed(3)
+model = build_face_detector(weights=None)
+model.save("{tmp_path}/face_detector.keras")
+onnx_file = export_onnx("{tmp_path}/face_detector.keras", "{tmp_path}/face_detector.onnx")
+session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+worst = 0.0
+for shape in ((1, 64, 96, 3), (2, 128, 128, 3)):
+    x = np.random.default_rng(1).uniform(0, 255, shape).astype("float32")
+    got = session.run(None, {{session.get_inputs()[0].name: x}})[0]
+    worst = max(worst, float(np.abs(got - keras.ops.convert_to_numpy(model(x))).max()))
+print("max difference", worst)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=jax_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split("max difference")[1]) < 1e-4, out.stdout
+
+
+@pytest.mark.slow
+def test_train_detector_job_runs_under_jax(tmp_path, data_dir):
+    from conftest import cli_env
+
+    args = ["--preset", "quick", "--set", "data.max_photos=16", "--set", "detector_train.epochs=2",
+            "--set", "detector_train.batch_size=4", "--set", "detector_train.train_canvas=192",
+            "--set", "detector_train.input_side=192"]
+    out = subprocess.run([MASKWATCH, "train-detector", *args], capture_output=True, text=True, timeout=900,
+                         env=jax_env(cli_env(tmp_path, data_dir)), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "detector epoch 2: val mAP@0.5" in out.stdout and "face detector job finished" in out.stdout
+    model_dir = next((tmp_path / "artifacts" / "runs").glob("*/face_detector"))
+    record = json.loads((model_dir / "train_config.json").read_text())
+    assert record["backend"] == "jax" and record["best_epoch"] == 2
+    assert (model_dir / "face_detector.onnx").stat().st_size > 1_000_000
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(model_dir.parent.name)
+    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["det_alone_map50"] <= 1.0
