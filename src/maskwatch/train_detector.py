@@ -36,6 +36,9 @@ BACKBONE_FEATURES = ("block_2_add", "block_5_add", "block_12_add", "out_relu")  
 MASK_CHANNEL = OUTPUT_CHANNELS  # targets carry one more channel: 1 at each face's centre cell
 HEAT_PRIOR_BIAS = -2.19  # sigmoid(-2.19) = 0.1: the heat maps start near "no face" (CenterNet, RetinaNet)
 GAUSSIAN_ALPHA = 0.54  # the target peak covers about half the face (TTFNet)
+# Photos per forward pass when measuring val mAP: at 640 px, eager TF on CPU peaks at about 0.75 GB a photo
+# (batch 4: 4.1 GB, 8: 7.0 GB; 32 was killed on a 24 GB machine).
+VAL_MAP_BATCH = 8
 
 
 # ----------------------------------------------------------------------------- photos
@@ -388,7 +391,8 @@ def validation_map_callback(val: DetectionPhotos, config: DetectorTrainConfig, w
             last = epoch + 1 == config.epochs or self.model.stop_training  # a time budget ends it early
             if (epoch + 1) % config.val_map_every and not last:
                 return
-            value = validation_map(self.model, val, config.input_side, score_threshold, config.batch_size)
+            value = validation_map(self.model, val, config.input_side, score_threshold,
+                                   min(config.batch_size, VAL_MAP_BATCH))
             if logs is not None:
                 logs["val_map50"] = value
             history.epochs[-1]["val_map50"] = value
