@@ -26,6 +26,8 @@ def main(argv=None):
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.2],
                         help="the trained detector's score thresholds")
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--sides", nargs="+", type=int, default=[],
+                        help="also run the trained detector at these input sides (first threshold and fusion)")
     parser.add_argument("--timing-only", action="store_true",
                         help="only time the face detectors (median ms per test photo, nothing else running)")
     parser.add_argument("--out", type=Path, default=None,
@@ -54,6 +56,10 @@ def main(argv=None):
                                            "trained_score_threshold": threshold})
         variants.append((f"trained@{threshold} alone", trained, False, 0.0))
         variants += [(f"trained@{threshold}", trained, True, fusion) for fusion in args.fusions]
+    for side in args.sides:  # a larger input for the small faces: chosen on val like the rest
+        sized = yunet.model_copy(update={"backend": "centernet", "trained_model_path": Path(args.detector),
+                                         "trained_score_threshold": args.thresholds[0], "trained_input_side": side})
+        variants.append((f"trained@{args.thresholds[0]} side {side}", sized, True, args.fusions[0]))
     rows = []
     for split in args.splits:
         for label, config, with_classifier, fusion in variants:

@@ -14,6 +14,7 @@ $py benchmarks/load.py --variant "default:" --variant "1-thread:serve.inference_
 $py benchmarks/hostile.py 2>benchmarks/results/hostile.log | tee benchmarks/results/hostile.txt
 # The trained face detector, when one is configured (maskwatch train-detector, then MASKWATCH_DETECTOR_PATH).
 if [ -n "${MASKWATCH_DETECTOR_PATH:-}" ]; then
-  $py benchmarks/detectors.py 2>benchmarks/results/detectors.log | tee benchmarks/results/detectors.txt
+  $py benchmarks/detectors.py --sides 800 960 2>benchmarks/results/detectors.log | tee benchmarks/results/detectors.txt
+  $py benchmarks/detector_validation.py --run "$(dirname "$MASKWATCH_DETECTOR_PATH")" 2>benchmarks/results/detector_validation.log | tee benchmarks/results/detector_validation.txt
   $py benchmarks/detectors.py --timing-only 2>>benchmarks/results/detectors.log | tee -a benchmarks/results/detectors.txt
 fi

@@ -36,8 +36,9 @@ BACKBONE_FEATURES = ("block_2_add", "block_5_add", "block_12_add", "out_relu")  
 MASK_CHANNEL = OUTPUT_CHANNELS  # targets carry one more channel: 1 at each face's centre cell
 HEAT_PRIOR_BIAS = -2.19  # sigmoid(-2.19) = 0.1: the heat maps start near "no face" (CenterNet, RetinaNet)
 GAUSSIAN_ALPHA = 0.54  # the target peak covers about half the face (TTFNet)
-# Photos per forward pass when measuring val mAP: at 640 px, eager TF on CPU peaks at about 0.75 GB a photo
-# (batch 4: 4.1 GB, 8: 7.0 GB; 32 was killed on a 24 GB machine).
+# Photos per forward pass when measuring val mAP: at 640 px, eager TF on CPU peaks at 3.8 / 6.6 / 12.4 GiB for
+# 4 / 8 / 16 photos, and 32 was killed on a 24 GiB machine (benchmarks/detector_validation.py); time per pass
+# does not depend on it.
 VAL_MAP_BATCH = 8
 
 
