@@ -48,18 +48,21 @@ def main(argv=None):
         return
     frames = {"val": prepared.val_df, "test": prepared.test_df}
     yunet = settings.detector
+
+    def trained_at(threshold: float, **update):
+        return yunet.model_copy(update={"backend": "centernet", "trained_model_path": Path(args.detector),
+                                        "trained_score_threshold": threshold, **update})
+
     variants = [("yunet", yunet, True, 0.0),
                 ("yunet upscale@0.3", yunet.model_copy(update={"small_face_mode": "upscale", "score_threshold": 0.3}),
                  True, 0.0)]
     for threshold in args.thresholds:
-        trained = yunet.model_copy(update={"backend": "centernet", "trained_model_path": Path(args.detector),
-                                           "trained_score_threshold": threshold})
+        trained = trained_at(threshold)
         variants.append((f"trained@{threshold} alone", trained, False, 0.0))
         variants += [(f"trained@{threshold}", trained, True, fusion) for fusion in args.fusions]
     for side in args.sides:  # a larger input for the small faces: chosen on val like the rest
-        sized = yunet.model_copy(update={"backend": "centernet", "trained_model_path": Path(args.detector),
-                                         "trained_score_threshold": args.thresholds[0], "trained_input_side": side})
-        variants.append((f"trained@{args.thresholds[0]} side {side}", sized, True, args.fusions[0]))
+        variants.append((f"trained@{args.thresholds[0]} side {side}",
+                         trained_at(args.thresholds[0], trained_input_side=side), True, args.fusions[0]))
     rows = []
     for split in args.splits:
         for label, config, with_classifier, fusion in variants:

@@ -181,10 +181,9 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     tracking.configure(settings)
     train_df, val_df, test_df = split_faces(settings)
     classifier_uri = classifier_uri or settings.serve.model_uri or settings.champion_uri
-    trained_record = _trained_elsewhere_record(trained)
-    if trained_record:  # the run's detector_train params are the ones the model was trained with
-        settings = settings.model_copy(update={"detector_train": DetectorTrainConfig.model_validate(
-            trained_record["detector_train"])})
+    trained_record, trained_config = _trained_elsewhere_record(trained)
+    if trained_config:  # the run's detector_train params are the ones the model was trained with
+        settings = settings.model_copy(update={"detector_train": trained_config})
     with tracking.training_run(settings, run_name or "face-detector", tags={"maskwatch.model": "face_detector"}) as run_id:
         model_dir = settings.work_dir / "runs" / run_id / "face_detector"
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +196,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
                                "detector_train_params": "train_config.json beside the model" if trained_record
                                else "this command's settings (no train_config.json beside the model)"})
             if trained_record:
-                (model_dir / TRAIN_RECORD).write_text(json.dumps(trained_record, indent=2))
+                shutil.copy2(Path(trained).parent / TRAIN_RECORD, model_dir / TRAIN_RECORD)
+            train_record = trained_record
             if (Path(trained).parent / "history.csv").is_file():  # the other machine's epochs, if it kept them
                 history = DetectorHistory.from_frame(pd.read_csv(Path(trained).parent / "history.csv"))
                 _log_detector_history(history, model_dir)
@@ -209,11 +209,11 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
                                              extra_callbacks=tracking.epoch_logger_factory()("detector", 0),
                                              val_score_threshold=settings.detector.trained_eval_score_threshold)
             _log_detector_history(history, model_dir)
-        if (model_dir / TRAIN_RECORD).is_file():
+            train_record = json.loads((model_dir / TRAIN_RECORD).read_text())  # train_face_detector wrote it
+        if train_record:
             tracking.log_artifact(model_dir / TRAIN_RECORD, "face_detector")
-            kept = json.loads((model_dir / TRAIN_RECORD).read_text()).get("best_epoch")
-            if kept:
-                tracking.log_metrics({"detector_best_epoch": kept})
+            if train_record.get("best_epoch"):
+                tracking.log_metrics({"detector_best_epoch": train_record["best_epoch"]})
         onnx_file = export_onnx(model_file, model_dir / "face_detector.onnx")
         tracking.log_artifact(model_file, "face_detector")
         tracking.log_artifact(onnx_file, "face_detector")
@@ -241,19 +241,19 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     return DetectorJobResult(run_id, model_dir, history, alone, with_classifier, classifier_uri, wall, input_side)
 
 
-def _trained_elsewhere_record(trained: Path | None) -> dict | None:
-    """train_config.json beside a detector trained elsewhere (train_face_detector writes it), if it is there."""
+def _trained_elsewhere_record(trained: Path | None) -> tuple[dict | None, DetectorTrainConfig | None]:
+    """train_config.json beside a detector trained elsewhere (train_face_detector writes it) and the training
+    settings in it; (None, None) if there is none."""
     if not trained or not (Path(trained).parent / TRAIN_RECORD).is_file():
-        return None
+        return None, None
     path = Path(trained).parent / TRAIN_RECORD
     try:
         record = json.loads(path.read_text())
-        DetectorTrainConfig.model_validate(record["detector_train"])
+        return record, DetectorTrainConfig.model_validate(record["detector_train"])
     except (ValueError, KeyError, TypeError) as error:  # json and pydantic errors are ValueErrors
         from maskwatch.detect import DetectorModelError
 
         raise DetectorModelError(f"{path} is not a train_config.json that maskwatch wrote: {error}") from error
-    return record
 
 
 def _log_detector_history(history, model_dir: Path) -> None:
