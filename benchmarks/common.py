@@ -98,6 +98,14 @@ def default_model() -> str:
     return os.environ.get("MASKWATCH_MODEL", "models:/maskwatch@champion")
 
 
+def add_detection_arguments(parser) -> None:
+    """--detector, --model, --runtime: the trained face detector and the classifier a detection benchmark runs."""
+    parser.add_argument("--detector", type=Path, default=os.environ.get("MASKWATCH_DETECTOR_PATH"),
+                        help="face_detector.onnx from maskwatch train-detector (default: $MASKWATCH_DETECTOR_PATH)")
+    parser.add_argument("--model", default=default_model(), help="the classifier")
+    parser.add_argument("--runtime", default="litert")
+
+
 def detection_setup(model: str, runtime: str):
     """(settings, prepared data, predictor) for the detection benchmarks: the test photos and one classifier."""
     from maskwatch.config import load_settings
@@ -113,6 +121,7 @@ def detection_setup(model: str, runtime: str):
 def detection_row(metrics: dict) -> dict:
     """evaluate_detection's result as one flat table row."""
     return {"map50": metrics["map50"], **{f"ap_{k}": v for k, v in metrics["ap50_per_class"].items()},
+            "face_ap50": metrics["face_ap50"], "map50_true_classes": metrics["map50_true_classes"],
             "recall": metrics["face_recall"],
             **{f"recall_{k}": v for k, v in metrics["face_recall_by_size"].items()},
             "ms_per_photo": metrics["ms_per_photo"]}

@@ -10,18 +10,14 @@ its defaults (score threshold, fusion) are chosen on the val rows, never on test
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from common import REPO, default_model, detection_row, detection_setup, print_table, write_json
+from common import REPO, add_detection_arguments, detection_row, detection_setup, print_table, write_json
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--detector", type=Path, default=os.environ.get("MASKWATCH_DETECTOR_PATH"),
-                        help="face_detector.onnx from maskwatch train-detector (default: $MASKWATCH_DETECTOR_PATH)")
-    parser.add_argument("--model", default=default_model(), help="the classifier")
-    parser.add_argument("--runtime", default="litert")
+    add_detection_arguments(parser)
     parser.add_argument("--fusions", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7])
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.2],
                         help="the trained detector's score thresholds")

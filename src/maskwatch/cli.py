@@ -184,8 +184,10 @@ def evaluate(model: ModelOpt = None,
 
 def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, as_json: bool) -> None:
     from maskwatch import tracking
-    from maskwatch.detect import DetectorModelError, MaskDetector, Predictor, create_face_detector, for_evaluation
-    from maskwatch.evaluate import detection_metric_values, evaluate_detection, format_detection_summary
+    from maskwatch.detect import (DetectorModelError, MaskDetector, Predictor, create_face_detector, for_evaluation,
+                                  reported_face_score)
+    from maskwatch.evaluate import evaluate_detection, format_detection_summary
+    from maskwatch.pipeline import log_detection_evaluation
 
     try:
         mask_detector = MaskDetector(Predictor.from_path(bundle, settings.serve.runtime),
@@ -193,12 +195,12 @@ def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, as
                                      settings.detector.class_fusion)
     except DetectorModelError as error:
         _fail(str(error))
-    metrics = evaluate_detection(mask_detector, prepared.test_df)
+    metrics = evaluate_detection(mask_detector, prepared.test_df,
+                                 operating_face_score=reported_face_score(settings.detector))
     metrics.update(model=uri, data_hash=prepared.data_hash, detector=settings.detector.model_dump(mode="json"))
     try:  # logged to MLflow beside the classification metrics, as its own run
         with tracking.evaluation_run(settings, "detection", {"data_hash": prepared.data_hash, "model": uri}):
-            tracking.log_metrics(detection_metric_values(metrics))
-            tracking.log_dict(metrics, "detection_metrics.json")
+            log_detection_evaluation(metrics)
     except tracking.TrackingUnavailableError as error:
         typer.secho(f"warning: metrics not logged: {error}", fg="yellow", err=True)
     if as_json:

@@ -297,13 +297,16 @@ class TrainedFaceDetector:
                                       f"{path} is not a loadable ONNX face detector")
         self._input = self._session.get_inputs()[0].name
 
+    def heads(self, boxed: np.ndarray) -> np.ndarray:
+        """The network's output maps (H/4 x W/4 x channels) for one letterboxed uint8 image."""
+        return self._session.run(None, {self._input: boxed[None].astype(np.float32)})[0][0]
+
     def detect(self, image: np.ndarray) -> list[FaceBox]:
         from maskwatch.centernet import decode, letterbox
 
         cfg = self.config
         boxed, scale = letterbox(image, cfg.trained_input_side)
-        heads = self._session.run(None, {self._input: boxed[None].astype(np.float32)})[0][0]
-        boxes, scores, probabilities = decode(heads, scale, cfg.trained_score_threshold)
+        boxes, scores, probabilities = decode(self.heads(boxed), scale, cfg.trained_score_threshold)
         found = [FaceBox(tuple(int(round(float(v))) for v in box), float(score), p)
                  for box, score, p in zip(boxes, scores, probabilities)]
         return _clip_and_filter(found, image.shape[1], image.shape[0], cfg.min_face_size)
@@ -313,6 +316,11 @@ def for_evaluation(config: DetectorConfig) -> DetectorConfig:
     """The detector settings that detection mAP is measured with: the trained detector keeps its low-score
     peaks (trained_eval_score_threshold), as average precision needs; YuNet's settings are used as they are."""
     return config.model_copy(update={"trained_score_threshold": config.trained_eval_score_threshold})
+
+
+def reported_face_score(config: DetectorConfig) -> float:
+    """The face score below which serving drops a face: the operating point of the detection confusion table."""
+    return config.trained_score_threshold if config.backend == "centernet" else config.score_threshold
 
 
 def detection_scale(long_side: int, config: DetectorConfig) -> float:

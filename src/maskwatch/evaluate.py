@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -127,16 +127,27 @@ def evaluate_model(model, test_df: pd.DataFrame, class_names=CLASS_NAMES, bootst
 
 
 def plot_confusion_matrix(result: EvaluationResult, path: Path, class_names=CLASS_NAMES, title: str = "") -> Path:
+    return _confusion_figure(np.array(result.confusion_matrix), list(class_names), path,
+                             title or f"Test: accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}")
+
+
+def _confusion_figure(counts: np.ndarray, column_labels: list[str], path: Path, title: str,
+                      row_labels: list[str] | None = None, axis_labels: tuple[str, str] | None = None,
+                      figsize: tuple[float, float] = (6, 5)) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    matrix = np.array(result.confusion_matrix)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ConfusionMatrixDisplay(matrix, display_labels=list(class_names)).plot(ax=ax, cmap="Blues", colorbar=False)
-    ax.set_title(title or f"Test: accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}")
+    fig, ax = plt.subplots(figsize=figsize)
+    ConfusionMatrixDisplay(counts, display_labels=column_labels).plot(ax=ax, cmap="Blues", colorbar=False)
+    if row_labels:
+        ax.set_yticks(range(len(row_labels)), row_labels)
+    if axis_labels:
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(axis_labels[1])
+    ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,11 +243,74 @@ def average_precision_50(photos: list[PhotoDetections], class_names, iou_thresho
     return per_class_ap
 
 
+def face_average_precision_50(photos: list[PhotoDetections], iou_threshold: float = 0.5) -> float:
+    """Class-agnostic AP: how well faces are found, whatever class they are given.
+
+    A found face's score is its face score, the sum of its per-class hypotheses (probabilities sum to one).
+    """
+    as_faces = [replace(photo, truth_classes=np.zeros(len(photo.truth_classes), int),
+                        found_scores=np.asarray(photo.found_scores, float).reshape(len(photo.found_boxes), -1)
+                        .sum(axis=1, keepdims=True))
+                for photo in photos]
+    return average_precision_50(as_faces, ["face"], iou_threshold)["face"]
+
+
+def with_true_classes(photos: list[PhotoDetections], iou_threshold: float = 0.5) -> list[PhotoDetections]:
+    """The same detections, but every found face that overlaps an annotated one (IoU >= threshold) gets that
+    face's class with all of its face score: what a perfect classifier would make of these boxes."""
+    corrected = []
+    for photo in photos:
+        scores = np.array(photo.found_scores, float).reshape(len(photo.found_boxes), -1)
+        truth = np.asarray(photo.truth_boxes, float).reshape(-1, 4)
+        for index, box in enumerate(np.asarray(photo.found_boxes, float).reshape(-1, 4)):
+            overlaps = _iou(box, truth)
+            if overlaps.size and overlaps.max() >= iou_threshold:
+                face_score = scores[index].sum()
+                scores[index] = 0.0
+                scores[index, int(photo.truth_classes[int(overlaps.argmax())])] = face_score
+        corrected.append(replace(photo, found_scores=scores))
+    return corrected
+
+
+def detection_confusion(photos: list[PhotoDetections], num_classes: int, min_face_score: float = 0.0,
+                        iou_threshold: float = 0.5) -> np.ndarray:
+    """(classes + 1) x (classes + 1) counts at one operating point: rows are the annotated class and a last
+    "no face" row (false alarms), columns the predicted class and a last "missed" column.
+
+    Found faces at or above min_face_score, best first, each take the free annotated face they overlap most
+    (IoU >= threshold), as average precision pairs them; the predicted class is the most probable one.
+    """
+    counts = np.zeros((num_classes + 1, num_classes + 1), int)
+    for photo in photos:
+        scores = np.asarray(photo.found_scores, float).reshape(len(photo.found_boxes), -1)
+        boxes = np.asarray(photo.found_boxes, float).reshape(-1, 4)
+        truth = np.asarray(photo.truth_boxes, float).reshape(-1, 4)
+        free = np.ones(len(truth), bool)
+        face_scores = scores.sum(axis=1) if len(scores) else np.zeros(0)
+        for index in np.argsort(-face_scores, kind="stable"):
+            if face_scores[index] < min_face_score:
+                break
+            predicted = int(scores[index].argmax())
+            overlaps = np.where(free, _iou(boxes[index], truth), -1.0) if len(truth) else np.zeros(0)
+            if overlaps.size and overlaps.max() >= iou_threshold:
+                match = int(overlaps.argmax())
+                free[match] = False
+                counts[int(photo.truth_classes[match]), predicted] += 1
+            else:
+                counts[num_classes, predicted] += 1
+        for match in np.flatnonzero(free):
+            counts[int(photo.truth_classes[match]), num_classes] += 1
+    return counts
+
+
 def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAMES, iou_threshold: float = 0.5,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, operating_face_score: float = 0.0) -> dict:
     """Run detector + classifier on every photo of `faces` (ground-truth boxes) and score it with pycocotools.
 
     Each found face is scored once per class (face score x class probability), as multi-class detectors are.
+    Beside mAP: class-agnostic face AP and the mAP these boxes would get with true classes (where mAP is lost:
+    finding faces or classifying them), and a confusion table of the faces reported at operating_face_score
+    (what serving shows; AP itself uses every face the detector gave).
     """
     from tqdm.auto import tqdm
 
@@ -264,14 +338,21 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
         scored.append(PhotoDetections(image.shape[1], image.shape[0], truth_boxes,
                                       truth["label"].map(class_names.index).to_numpy(), found, scores))
     per_class_ap = average_precision_50(scored, class_names, iou_threshold)
+    true_class_ap = average_precision_50(with_true_classes(scored, iou_threshold), class_names, iou_threshold)
+    confusion = detection_confusion(scored, len(class_names), operating_face_score, iou_threshold)
     recall_by_size = {name: (hit / total if total else None) for name, (hit, total) in matched_by_size.items()}
     hits = sum(h for h, _ in matched_by_size.values())
     total = sum(t for _, t in matched_by_size.values())
     return {
         "photos": len(photos), "faces": total, "iou_threshold": iou_threshold,
         "ap50_per_class": per_class_ap, "map50": float(np.mean(list(per_class_ap.values()))),
+        "face_ap50": face_average_precision_50(scored, iou_threshold),
+        "ap50_per_class_true_classes": true_class_ap,
+        "map50_true_classes": float(np.mean(list(true_class_ap.values()))),
         "face_recall": hits / total if total else None, "face_recall_by_size": recall_by_size,
         "faces_by_size": {name: t for name, (_, t) in matched_by_size.items()},
+        "confusion": {"operating_face_score": operating_face_score, "iou_threshold": iou_threshold, "rows": [*class_names, "no face"],
+                      "columns": [*class_names, "missed"], "counts": confusion.tolist()},
         "ms_per_photo": float(np.mean(milliseconds)) if milliseconds else None,
     }
 
@@ -312,6 +393,7 @@ def detection_metric_values(metrics: dict, prefix: str = "det_") -> dict[str, fl
     values = {f"{prefix}ap50_{k}": v for k, v in metrics["ap50_per_class"].items()}
     values |= {f"{prefix}map50": metrics["map50"], f"{prefix}face_recall": metrics["face_recall"],
                f"{prefix}ms_per_photo": metrics["ms_per_photo"]}
+    values |= {f"{prefix}{key}": metrics[key] for key in ("face_ap50", "map50_true_classes")}
     return values | {f"{prefix}recall_{k}": v for k, v in metrics["face_recall_by_size"].items() if v is not None}
 
 
@@ -322,4 +404,27 @@ def format_detection_summary(metrics: dict) -> str:
     lines += [f"  AP {name:<24}{value:.3f}" for name, value in metrics["ap50_per_class"].items()]
     lines += [f"  recall faces {name:<12}{value if value is None else round(value, 3)}"
               f" ({metrics['faces_by_size'][name]} faces)" for name, value in metrics["face_recall_by_size"].items()]
+    lines += [f"  where mAP is lost: finding faces (class-agnostic AP {metrics['face_ap50']:.3f}); classifying them "
+              f"(mAP with true classes {metrics['map50_true_classes']:.3f} vs {metrics['map50']:.3f})"]
+    return "\n".join(lines + ["", format_confusion(metrics["confusion"])])
+
+
+def format_confusion(confusion: dict) -> str:
+    """The detection confusion table as text: annotated class down, predicted class (or missed) across."""
+    width = max(len(name) for name in confusion["rows"] + confusion["columns"]) + 2
+    lines = [f"faces reported at face score >= {confusion['operating_face_score']:g}, matched at IoU >= "
+             f"{confusion['iou_threshold']:g} "
+             "(rows: annotated, columns: predicted)",
+             " " * width + "".join(f"{name:>{width}}" for name in confusion["columns"])]
+    lines += [f"{row:<{width}}" + "".join(f"{count:>{width}}" for count in counts)
+              for row, counts in zip(confusion["rows"], confusion["counts"])]
     return "\n".join(lines)
+
+
+def plot_detection_confusion(confusion: dict, path: Path, title: str = "") -> Path:
+    """The detection confusion table as a picture: which faces were missed, mislabelled or invented."""
+    return _confusion_figure(
+        np.array(confusion["counts"]), confusion["columns"], path,
+        title or f"faces at face score >= {confusion['operating_face_score']:g}, IoU >= {confusion['iou_threshold']:g}",
+        row_labels=confusion["rows"], axis_labels=("predicted (or missed)", "annotated (or no face: a false alarm)"),
+        figsize=(6.8, 5.6))

@@ -173,8 +173,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     """Train the face detector on the training photos (or take one trained elsewhere, e.g. on a GPU machine),
     export it to ONNX, and score detection on the test photos, alone and with the classifier; one MLflow run."""
     from maskwatch.data import split_faces
-    from maskwatch.detect import MaskDetector, Predictor, create_face_detector, for_evaluation
-    from maskwatch.evaluate import detection_metric_values, evaluate_detection
+    from maskwatch.detect import MaskDetector, Predictor, create_face_detector, for_evaluation, reported_face_score
+    from maskwatch.evaluate import evaluate_detection
     from maskwatch.train_detector import DetectorHistory, export_onnx, photos_from_faces, train_face_detector
 
     started = time.perf_counter()
@@ -222,9 +222,10 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
         detector_config = for_evaluation(settings.detector.model_copy(update={
             "backend": "centernet", "trained_model_path": onnx_file, "trained_input_side": input_side}))
         face_detector = create_face_detector(detector_config)
-        alone = evaluate_detection(MaskDetector(None, face_detector), test_df)
-        tracking.log_metrics(detection_metric_values(alone, prefix="det_alone_"))
-        tracking.log_dict(alone, "detection_metrics_alone.json")
+        operating_face_score = reported_face_score(detector_config)
+        alone = evaluate_detection(MaskDetector(None, face_detector), test_df,
+                                   operating_face_score=operating_face_score)
+        log_detection_evaluation(alone, prefix="det_alone_", name="detection_alone")
         with_classifier = None
         try:
             predictor = Predictor.from_path(tracking.resolve_model_uri(classifier_uri, settings),
@@ -233,9 +234,9 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
             log.warning("detection not scored with a classifier (%s): %s", classifier_uri, error)
         else:
             with_classifier = evaluate_detection(
-                MaskDetector(predictor, face_detector, detector_config.class_fusion), test_df)
-            tracking.log_metrics(detection_metric_values(with_classifier))
-            tracking.log_dict(with_classifier, "detection_metrics.json")
+                MaskDetector(predictor, face_detector, detector_config.class_fusion), test_df,
+                operating_face_score=operating_face_score)
+            log_detection_evaluation(with_classifier)
         wall = time.perf_counter() - started
         tracking.log_metrics({"wall_seconds": wall})
     return DetectorJobResult(run_id, model_dir, history, alone, with_classifier, classifier_uri, wall, input_side)
@@ -254,6 +255,20 @@ def _trained_elsewhere_record(trained: Path | None) -> tuple[dict | None, Detect
         from maskwatch.detect import DetectorModelError
 
         raise DetectorModelError(f"{path} is not a train_config.json that maskwatch wrote: {error}") from error
+
+
+def log_detection_evaluation(metrics: dict, prefix: str = "det_", name: str = "detection") -> None:
+    """evaluate_detection's figures into the active run: flat metrics, the whole dict, the confusion table as a
+    picture and as text."""
+    import tempfile
+
+    from maskwatch.evaluate import detection_metric_values, format_confusion, plot_detection_confusion
+
+    tracking.log_metrics(detection_metric_values(metrics, prefix=prefix))
+    tracking.log_dict(metrics, f"{name}_metrics.json")
+    tracking.log_text(format_confusion(metrics["confusion"]), f"{name}_confusion.txt")
+    with tempfile.TemporaryDirectory() as folder:
+        tracking.log_artifact(plot_detection_confusion(metrics["confusion"], Path(folder) / f"{name}_confusion.png"))
 
 
 def _log_detector_history(history, model_dir: Path) -> None:

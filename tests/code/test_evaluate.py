@@ -94,3 +94,45 @@ def test_detection_ap_counts_a_low_ranked_second_class_hypothesis():
     ap = average_precision_50([doubted], ["a", "b"])
     assert ap["b"] == pytest.approx(1.0)  # its only b hypothesis above the false one (face 1 at 0.1)
     assert ap["a"] == pytest.approx(1.0)  # a's false alarm (0.7) ranks below its true face (0.9)
+
+
+def test_face_ap_and_true_class_map_split_what_was_lost():
+    """Perfect boxes with swapped classes: faces are all found (face AP 1), the classifier lost half (each true
+    hypothesis ranks below a false one: AP 0.5), and with true classes the same boxes score mAP 1."""
+    from maskwatch.evaluate import average_precision_50, face_average_precision_50, with_true_classes
+
+    names = ["a", "b"]
+    faces = [[10, 10, 30, 30], [60, 10, 80, 30]]
+    swapped = _photo(faces, [0, 1], faces, [[0.0, 0.9], [0.8, 0.0]])
+    assert average_precision_50([swapped], names) == pytest.approx({"a": 0.5, "b": 0.5})
+    assert face_average_precision_50([swapped]) == pytest.approx(1.0)
+    corrected = with_true_classes([swapped])
+    assert corrected[0].found_scores.tolist() == [[0.9, 0.0], [0.0, 0.8]]  # all of the face score, true class
+    assert average_precision_50(corrected, names) == pytest.approx({"a": 1.0, "b": 1.0})
+    # A false alarm keeps its scores; a missed face stays missed: face AP and true-class mAP both say so.
+    alarm_and_miss = _photo(faces, [0, 1], [faces[0], [120, 50, 140, 70]], [[0.9, 0.0], [0.0, 0.7]])
+    assert with_true_classes([alarm_and_miss])[0].found_scores.tolist() == [[0.9, 0.0], [0.0, 0.7]]
+    assert face_average_precision_50([alarm_and_miss]) == pytest.approx(51 / 101)
+
+
+def test_detection_confusion_hand_counts():
+    """Rows: annotated a, b, c, no face. Columns: predicted a, b, c, missed. Best face score first, one
+    annotated face per found face; below the operating face score a face is not reported."""
+    from maskwatch.evaluate import detection_confusion
+
+    faces = [[10, 10, 30, 30], [60, 10, 80, 30], [100, 10, 120, 30]]
+    photo = _photo(faces, [0, 1, 2], [
+        faces[0],                # a, said a
+        faces[1],                # b, said a
+        [11, 10, 31, 30],        # a again: its face is taken, so a false alarm
+        [150, 50, 170, 70],      # nothing there, said b
+        faces[2],                # c, but under the operating score: c is missed
+    ], [[0.9, 0.05, 0.05], [0.5, 0.2, 0.1], [0.6, 0.0, 0.0], [0.1, 0.4, 0.0], [0.0, 0.0, 0.2]])
+    counts = detection_confusion([photo], 3, min_face_score=0.3)
+    assert counts.tolist() == [[1, 0, 0, 0],
+                               [1, 0, 0, 0],
+                               [0, 0, 0, 1],
+                               [1, 1, 0, 0]]
+    assert detection_confusion([photo], 3, min_face_score=0.0)[2].tolist() == [0, 0, 1, 0]
+    # Every annotated face is counted once, found or missed.
+    assert counts[:3].sum() == len(faces)

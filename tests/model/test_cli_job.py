@@ -42,6 +42,42 @@ def test_evaluate_json_on_stdout(trained):
     assert 0 <= metrics["macro_f1"] <= 1 and len(metrics["confusion_matrix"]) == 3
 
 
+def test_evaluate_detection_reports_where_map_is_lost_and_logs_it(trained, yunet_path):
+    """evaluate --detection: YuNet + the champion on the test photos, mAP beside face AP and true-class mAP, and
+    a confusion table in which every annotated face is counted once; all logged to an MLflow run."""
+    import mlflow
+
+    work, env, args, _ = trained
+    env = {**env, "MASKWATCH_YUNET_PATH": str(yunet_path)}
+    out = subprocess.run([MASKWATCH, "evaluate", "--detection", "--json", *args], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=work)
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads(out.stdout)
+    assert metrics["photos"] >= 1 and metrics["faces"] >= metrics["photos"]
+    assert set(metrics["ap50_per_class"]) == set(metrics["ap50_per_class_true_classes"])
+    for key in ("map50", "face_ap50", "map50_true_classes"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["face_ap50"] > 0.0  # YuNet finds faces in data-set photos
+    confusion = metrics["confusion"]
+    counts = confusion["counts"]
+    assert confusion["rows"][-1] == "no face" and confusion["columns"][-1] == "missed"
+    assert confusion["operating_face_score"] == 0.5  # YuNet's own score threshold: what serving reports
+    assert sum(map(sum, counts[:-1])) == metrics["faces"]  # each annotated face once: found or missed
+    assert sum(row[-1] for row in counts[:-1]) == round(metrics["faces"] * (1 - metrics["face_recall"]))
+
+    text = subprocess.run([MASKWATCH, "evaluate", "--detection", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=work)
+    assert text.returncode == 0 and "where mAP is lost" in text.stdout and "no face" in text.stdout
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("maskwatch").experiment_id],
+                              "tags.mlflow.runName = 'evaluate-detection'")
+    assert len(runs) == 2
+    assert runs[0].data.metrics["det_face_ap50"] == pytest.approx(metrics["face_ap50"])
+    assert runs[0].data.metrics["det_map50_true_classes"] == pytest.approx(metrics["map50_true_classes"])
+    logged = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"detection_metrics.json", "detection_confusion.png", "detection_confusion.txt"} <= logged
+
+
 def test_models_list_and_promote(trained):
     work, env, _, _ = trained
     listed = subprocess.run([MASKWATCH, "models", "list", "--json"], capture_output=True, text=True, env=env, cwd=work)

@@ -220,6 +220,9 @@ def test_train_detector_trains_exports_scores_and_logs(detector_job):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "face_detector")}
     assert artifacts == {"face_detector/face_detector.keras", "face_detector/face_detector.onnx",
                          "face_detector/train_config.json"}
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"detection_alone_metrics.json", "detection_alone_confusion.png", "detection_alone_confusion.txt"} <= logged
+    assert 0.0 <= run.data.metrics["det_alone_face_ap50"] <= 1.0 and "det_alone_map50_true_classes" in run.data.metrics
 
 
 def test_trained_detector_plugs_in_by_configuration(detector_job, data_dir):

@@ -1,0 +1,90 @@
+"""Does a mirrored second look help? Horizontal-flip test-time augmentation, on the val and test photos.
+
+Four ways to run the trained detector + classifier (class_fusion from the settings, the serving defaults
+otherwise), each scored by evaluate_detection (mAP@0.5, face AP, mAP with true classes):
+  plain            one pass of each network (what serving does)
+  detector flip    the detector also sees the mirrored photo; its maps are mirrored back and averaged
+  classifier flip  the classifier also sees each mirrored crop; probabilities averaged
+  both             the two together
+ms per photo is measured in the same run; ratios are to plain.
+
+    python benchmarks/test_time_augmentation.py --detector artifacts/runs/<run>/face_detector/face_detector.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from common import REPO, add_detection_arguments, detection_row, detection_setup, print_table, write_json
+
+
+def flipped_heads(detector):
+    """The trained detector's heads, averaged with those of the mirrored image (mirrored back)."""
+    from maskwatch.centernet import OFFSET_CHANNELS
+
+    plain_heads = detector.heads
+
+    def heads(boxed: np.ndarray) -> np.ndarray:
+        mirrored = plain_heads(np.ascontiguousarray(boxed[:, ::-1]))[:, ::-1].copy()
+        mirrored[..., OFFSET_CHANNELS.start] = 1.0 - mirrored[..., OFFSET_CHANNELS.start]  # x within the cell
+        return 0.5 * (plain_heads(boxed) + mirrored)
+
+    return heads
+
+
+class FlipAveragedPredictor:
+    """A Predictor whose probabilities are averaged over each crop and its mirror image."""
+
+    def __init__(self, predictor):
+        self.predictor, self.class_names, self.crop_spec = predictor, predictor.class_names, predictor.crop_spec
+
+    def predict_inputs(self, faces: np.ndarray) -> np.ndarray:
+        if len(faces) == 0:
+            return self.predictor.predict_inputs(faces)
+        return 0.5 * (self.predictor.predict_inputs(faces) + self.predictor.predict_inputs(faces[:, :, ::-1].copy()))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_detection_arguments(parser)
+    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "test_time_augmentation.json")
+    args = parser.parse_args(argv)
+    if not args.detector or not Path(args.detector).is_file():
+        parser.error("--detector: no face_detector.onnx given or found (train one with maskwatch train-detector)")
+
+    from maskwatch.detect import MaskDetector, create_face_detector, for_evaluation
+    from maskwatch.evaluate import evaluate_detection
+
+    settings, prepared, predictor = detection_setup(args.model, args.runtime)
+    config = for_evaluation(settings.detector.model_copy(update={"backend": "centernet",
+                                                                 "trained_model_path": args.detector}))
+    plain_detector, flip_detector = create_face_detector(config), create_face_detector(config)
+    flip_detector.heads = flipped_heads(flip_detector)
+    flip_predictor = FlipAveragedPredictor(predictor)
+    variants = {"plain": (plain_detector, predictor), "detector flip": (flip_detector, predictor),
+                "classifier flip": (plain_detector, flip_predictor), "both": (flip_detector, flip_predictor)}
+    frames = {"val": prepared.val_df, "test": prepared.test_df}
+    rows = []
+    for split in args.splits:
+        for name, (face_detector, classifier) in variants.items():
+            metrics = evaluate_detection(MaskDetector(classifier, face_detector, config.class_fusion), frames[split],
+                                         progress=False)
+            rows.append({"split": split, "variant": name, **detection_row(metrics)})
+            print(f"{split} {name}: mAP {metrics['map50']:.3f}", flush=True)
+        plain = next(r for r in rows if r["split"] == split and r["variant"] == "plain")
+        for row in rows:
+            if row["split"] == split:
+                row["map50_gain"] = row["map50"] - plain["map50"]
+                row["time_ratio"] = row["ms_per_photo"] / plain["ms_per_photo"]
+    print_table(rows, ["split", "variant", "map50", "map50_gain", "ap_with_mask", "ap_without_mask",
+                       "ap_mask_weared_incorrect", "face_ap50", "map50_true_classes", "ms_per_photo", "time_ratio"])
+    write_json(args.out, {"detector": str(args.detector), "model": args.model, "runtime": args.runtime,
+                          "class_fusion": config.class_fusion, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
