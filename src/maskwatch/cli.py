@@ -154,7 +154,8 @@ def train_detector_command(
 def evaluate(model: ModelOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON on stdout.")] = False,
              detection: Annotated[bool, typer.Option(
-                 "--detection", help="Face detector + classifier on the test photos: AP@0.5, mAP, recall by size.")]
+                 "--detection", help="Face detector + classifier on the test photos: AP@0.5, mAP, recall by size, "
+                              "face AP, mAP with true classes and a confusion table (missed faces, false alarms).")]
              = False,
              config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = None, data_dir: DataDirOpt = None,
              tracking_uri: TrackingOpt = None, work_dir: WorkDirOpt = None) -> None:
