@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from maskwatch.bundle import ModelMetadata, read_metadata, save_bundle, write_me
 from maskwatch.config import CLASS_NAMES, DetectorTrainConfig, Settings
 from maskwatch.data import PreparedData, class_counts_table, crops_with_spec, label_indices, prepare_data
 from maskwatch.export import export_model
-from maskwatch.evaluate import (EvaluationResult, evaluate_model, format_summary, plot_confusion_matrix,
+from maskwatch.evaluate import (EvaluationResult, detection_metric_values, evaluate_model, format_confusion,
+                                format_summary, plot_confusion_matrix, plot_detection_confusion,
                                 predict_probabilities, tune_class_bias)
 from maskwatch.train import TrainingHistory, plot_history, train_model
 from maskwatch.train_detector import TRAIN_RECORD
@@ -260,10 +262,6 @@ def _trained_elsewhere_record(trained: Path | None) -> tuple[dict | None, Detect
 def log_detection_evaluation(metrics: dict, prefix: str = "det_", name: str = "detection") -> None:
     """evaluate_detection's figures into the active run: flat metrics, the whole dict, the confusion table as a
     picture and as text."""
-    import tempfile
-
-    from maskwatch.evaluate import detection_metric_values, format_confusion, plot_detection_confusion
-
     tracking.log_metrics(detection_metric_values(metrics, prefix=prefix))
     tracking.log_dict(metrics, f"{name}_metrics.json")
     tracking.log_text(format_confusion(metrics["confusion"]), f"{name}_confusion.txt")
