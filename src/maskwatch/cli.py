@@ -197,7 +197,9 @@ def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, as
     except DetectorModelError as error:
         _fail(str(error))
     metrics = evaluate_detection(mask_detector, prepared.test_df,
-                                 operating_face_score=reported_face_score(settings.detector))
+                                 operating_face_score=reported_face_score(settings.detector),
+                                 bootstrap_samples=settings.evaluate.detection_bootstrap_samples,
+                                 confidence_level=settings.evaluate.confidence_level)
     metrics.update(model=uri, data_hash=prepared.data_hash, detector=settings.detector.model_dump(mode="json"))
     try:  # logged to MLflow beside the classification metrics, as its own run
         with tracking.evaluation_run(settings, "detection", {"data_hash": prepared.data_hash, "model": uri}):

@@ -243,6 +243,30 @@ def average_precision_50(photos: list[PhotoDetections], class_names, iou_thresho
     return per_class_ap
 
 
+def bootstrap_map_interval(photos: list[PhotoDetections], class_names, samples: int, level: float = 0.95,
+                           iou_threshold: float = 0.5, seed: int = 0) -> dict:
+    """Percentile interval of mAP@0.5 and of each class's AP, resampling whole photos (faces of a photo are
+    correlated; a few photos hold most of a rare class). Each resample is scored by pycocotools as it stands; one
+    that lost every face of a class the photos have is drawn again, so no class's AP is undefined."""
+    class_names = list(class_names)
+    rng = np.random.default_rng(seed)
+    present = set().union(*(set(np.asarray(photo.truth_classes).tolist()) for photo in photos)) if photos else set()
+    maps, per_class = [], {name: [] for name in class_names}
+    for _ in range(samples):
+        for _attempt in range(100):
+            drawn = [photos[i] for i in rng.integers(0, len(photos), len(photos))]
+            if set().union(*(set(np.asarray(photo.truth_classes).tolist()) for photo in drawn)) >= present:
+                break
+        ap = average_precision_50(drawn, class_names, iou_threshold)
+        maps.append(np.mean(list(ap.values())))
+        for name, value in ap.items():
+            per_class[name].append(value)
+    tails = [50 * (1 - level), 50 * (1 + level)]
+    return {"level": level, "samples": samples, "map50": [float(v) for v in np.percentile(maps, tails)],
+            "ap50_per_class": {name: [float(v) for v in np.percentile(values, tails)]
+                               for name, values in per_class.items()}}
+
+
 def face_average_precision_50(photos: list[PhotoDetections], iou_threshold: float = 0.5) -> float:
     """Class-agnostic AP: how well faces are found, whatever class they are given.
 
@@ -304,13 +328,15 @@ def detection_confusion(photos: list[PhotoDetections], num_classes: int, min_fac
 
 
 def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAMES, iou_threshold: float = 0.5,
-                       progress: bool = True, operating_face_score: float = 0.0) -> dict:
+                       progress: bool = True, operating_face_score: float = 0.0, bootstrap_samples: int = 0,
+                       confidence_level: float = 0.95) -> dict:
     """Run detector + classifier on every photo of `faces` (ground-truth boxes) and score it with pycocotools.
 
     Each found face is scored once per class (face score x class probability), as multi-class detectors are.
     Beside mAP: class-agnostic face AP and the mAP these boxes would get with true classes (where mAP is lost:
     finding faces or classifying them), and a confusion table of the faces reported at operating_face_score
-    (what serving shows; AP itself uses every face the detector gave).
+    (what serving shows; AP itself uses every face the detector gave). With bootstrap_samples, an interval for
+    mAP and each AP over resampled photos.
     """
     from tqdm.auto import tqdm
 
@@ -354,6 +380,8 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
         "confusion": {"operating_face_score": operating_face_score, "iou_threshold": iou_threshold, "rows": [*class_names, "no face"],
                       "columns": [*class_names, "missed"], "counts": confusion.tolist()},
         "ms_per_photo": float(np.mean(milliseconds)) if milliseconds else None,
+        "interval": (bootstrap_map_interval(scored, class_names, bootstrap_samples, confidence_level, iou_threshold)
+                     if bootstrap_samples and scored else None),
     }
 
 
@@ -394,6 +422,9 @@ def detection_metric_values(metrics: dict, prefix: str = "det_") -> dict[str, fl
     values |= {f"{prefix}map50": metrics["map50"], f"{prefix}face_recall": metrics["face_recall"],
                f"{prefix}ms_per_photo": metrics["ms_per_photo"]}
     values |= {f"{prefix}{key}": metrics[key] for key in ("face_ap50", "map50_true_classes")}
+    if metrics.get("interval"):
+        values |= {f"{prefix}map50_ci_low": metrics["interval"]["map50"][0],
+                   f"{prefix}map50_ci_high": metrics["interval"]["map50"][1]}
     return values | {f"{prefix}recall_{k}": v for k, v in metrics["face_recall_by_size"].items() if v is not None}
 
 
@@ -401,7 +432,14 @@ def format_detection_summary(metrics: dict) -> str:
     lines = [f"photos: {metrics['photos']}   faces: {metrics['faces']}   mAP@{metrics['iou_threshold']}: "
              f"{metrics['map50']:.3f}   face recall: {metrics['face_recall']:.3f}   "
              f"{metrics['ms_per_photo']:.1f} ms/photo"]
-    lines += [f"  AP {name:<24}{value:.3f}" for name, value in metrics["ap50_per_class"].items()]
+    interval = metrics.get("interval")
+    if interval:
+        low, high = interval["map50"]
+        lines.append(f"  mAP {interval['level']:.0%} interval over resampled photos: {low:.3f}-{high:.3f} "
+                     f"({interval['samples']} resamples)")
+    lines += [f"  AP {name:<24}{value:.3f}" + (f"   ({interval['ap50_per_class'][name][0]:.3f}-"
+                                               f"{interval['ap50_per_class'][name][1]:.3f})" if interval else "")
+              for name, value in metrics["ap50_per_class"].items()]
     lines += [f"  recall faces {name:<12}{value if value is None else round(value, 3)}"
               f" ({metrics['faces_by_size'][name]} faces)" for name, value in metrics["face_recall_by_size"].items()]
     lines += [f"  where mAP is lost: finding faces (class-agnostic AP {metrics['face_ap50']:.3f}); classifying them "

@@ -224,9 +224,10 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
         detector_config = for_evaluation(settings.detector.model_copy(update={
             "backend": "centernet", "trained_model_path": onnx_file, "trained_input_side": input_side}))
         face_detector = create_face_detector(detector_config)
-        operating_face_score = reported_face_score(detector_config)
-        alone = evaluate_detection(MaskDetector(None, face_detector), test_df,
-                                   operating_face_score=operating_face_score)
+        scoring = {"operating_face_score": reported_face_score(detector_config),
+                   "bootstrap_samples": settings.evaluate.detection_bootstrap_samples,
+                   "confidence_level": settings.evaluate.confidence_level}
+        alone = evaluate_detection(MaskDetector(None, face_detector), test_df, **scoring)
         log_detection_evaluation(alone, prefix="det_alone_", name="detection_alone")
         with_classifier = None
         try:
@@ -236,8 +237,7 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
             log.warning("detection not scored with a classifier (%s): %s", classifier_uri, error)
         else:
             with_classifier = evaluate_detection(
-                MaskDetector(predictor, face_detector, detector_config.class_fusion), test_df,
-                operating_face_score=operating_face_score)
+                MaskDetector(predictor, face_detector, detector_config.class_fusion), test_df, **scoring)
             log_detection_evaluation(with_classifier)
         wall = time.perf_counter() - started
         tracking.log_metrics({"wall_seconds": wall})

@@ -136,3 +136,27 @@ def test_detection_confusion_hand_counts():
     assert detection_confusion([photo], 3, min_face_score=0.0)[2].tolist() == [0, 0, 1, 0]
     # Every annotated face is counted once, found or missed.
     assert counts[:3].sum() == len(faces)
+
+
+def test_bootstrap_map_interval_resamples_whole_photos():
+    from maskwatch.evaluate import average_precision_50, bootstrap_map_interval
+
+    names = ["a", "b"]
+    faces = [[10, 10, 30, 30], [60, 10, 80, 30]]
+    perfect = _photo(faces, [0, 1], faces, [[0.9, 0.1], [0.2, 0.8]])
+    same = bootstrap_map_interval([perfect] * 4, names, samples=50)
+    assert same["map50"] == pytest.approx([1.0, 1.0]) and same["samples"] == 50 and same["level"] == 0.95
+    # Class b lives in one photo of five. A resample without that photo would have no b at all (AP undefined,
+    # scored 0 by pycocotools' empty result); it is drawn again, so b's interval stays at its true 1.0.
+    only_a = [_photo(faces[:1], [0], faces[:1], [[0.9, 0.1]]) for _ in range(4)]
+    interval = bootstrap_map_interval([perfect, *only_a], names, samples=200)
+    assert interval["ap50_per_class"]["b"] == pytest.approx([1.0, 1.0])
+    # Photos that disagree give a real spread around the point estimate, and the same seed the same interval.
+    missed = [_photo(faces, [0, 1], faces[:1], [[0.9, 0.1]]) for _ in range(3)]
+    alarms = [_photo(faces, [0, 1], [[120, 50, 140, 70], *faces], [[0.95, 0.0], [0.5, 0.1], [0.1, 0.6]])] * 3
+    photos = [perfect, *missed, *alarms]
+    point = np.mean(list(average_precision_50(photos, names).values()))
+    spread = bootstrap_map_interval(photos, names, samples=200)
+    low, high = spread["map50"]
+    assert low < point < high
+    assert spread == bootstrap_map_interval(photos, names, samples=200)

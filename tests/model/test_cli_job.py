@@ -58,6 +58,8 @@ def test_evaluate_detection_reports_where_map_is_lost_and_logs_it(trained, yunet
     for key in ("map50", "face_ap50", "map50_true_classes"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["face_ap50"] > 0.0  # YuNet finds faces in data-set photos
+    interval = metrics["interval"]  # photos resampled: evaluate.detection_bootstrap_samples (200)
+    assert interval["samples"] == 200 and 0.0 <= interval["map50"][0] <= interval["map50"][1] <= 1.0
     confusion = metrics["confusion"]
     counts = confusion["counts"]
     assert confusion["rows"][-1] == "no face" and confusion["columns"][-1] == "missed"
@@ -68,12 +70,14 @@ def test_evaluate_detection_reports_where_map_is_lost_and_logs_it(trained, yunet
     text = subprocess.run([MASKWATCH, "evaluate", "--detection", *args], capture_output=True, text=True,
                           timeout=300, env=env, cwd=work)
     assert text.returncode == 0 and "where mAP is lost" in text.stdout and "no face" in text.stdout
+    assert "interval over resampled photos" in text.stdout
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("maskwatch").experiment_id],
                               "tags.mlflow.runName = 'evaluate-detection'")
     assert len(runs) == 2
     assert runs[0].data.metrics["det_face_ap50"] == pytest.approx(metrics["face_ap50"])
     assert runs[0].data.metrics["det_map50_true_classes"] == pytest.approx(metrics["map50_true_classes"])
+    assert runs[0].data.metrics["det_map50_ci_low"] == pytest.approx(interval["map50"][0])
     logged = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"detection_metrics.json", "detection_confusion.png", "detection_confusion.txt"} <= logged
 
