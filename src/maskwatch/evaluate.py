@@ -198,6 +198,22 @@ class PhotoDetections:
     found_boxes: np.ndarray  # M x 4
     found_scores: np.ndarray  # M x classes: each found face is one hypothesis per class
 
+    def __post_init__(self):  # one layout for every consumer, whatever sequences it was given
+        self.truth_boxes = np.asarray(self.truth_boxes, float).reshape(-1, 4)
+        self.truth_classes = np.asarray(self.truth_classes, int).reshape(-1)
+        self.found_boxes = np.asarray(self.found_boxes, float).reshape(-1, 4)
+        scores = np.asarray(self.found_scores, float)
+        self.found_scores = scores.reshape(len(self.found_boxes), -1 if scores.size else 0)
+
+    @property
+    def classes_present(self) -> set[int]:
+        return set(self.truth_classes.tolist())
+
+    @property
+    def face_scores(self) -> np.ndarray:
+        """Each found face's score: the sum of its per-class hypotheses (class probabilities sum to one)."""
+        return self.found_scores.sum(axis=1)
+
 
 def average_precision_50(photos: list[PhotoDetections], class_names, iou_threshold: float = 0.5) -> dict[str, float]:
     """Per-class AP at one IoU threshold, computed by pycocotools (all face sizes, up to 100 faces a photo)."""
@@ -211,12 +227,12 @@ def average_precision_50(photos: list[PhotoDetections], class_names, iou_thresho
     images, annotations, results = [], [], []
     for image_id, photo in enumerate(photos, start=1):
         images.append({"id": image_id, "width": int(photo.width), "height": int(photo.height)})
-        for box, cls in zip(np.asarray(photo.truth_boxes, float).reshape(-1, 4), photo.truth_classes):
+        for box, cls in zip(photo.truth_boxes, photo.truth_classes):
             w, h = box[2] - box[0], box[3] - box[1]
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, "area": float(w * h),
                                 "bbox": [float(box[0]), float(box[1]), float(w), float(h)],
                                 "category_id": int(cls) + 1})
-        for box, scores in zip(np.asarray(photo.found_boxes, float).reshape(-1, 4), photo.found_scores):
+        for box, scores in zip(photo.found_boxes, photo.found_scores):
             x0, y0, x1, y1 = (float(v) for v in box)
             results += [{"image_id": image_id, "category_id": index + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
                          "score": float(score)} for index, score in enumerate(scores)]
@@ -250,13 +266,15 @@ def bootstrap_map_interval(photos: list[PhotoDetections], class_names, samples: 
     that lost every face of a class the photos have is drawn again, so no class's AP is undefined."""
     class_names = list(class_names)
     rng = np.random.default_rng(seed)
-    present = set().union(*(set(np.asarray(photo.truth_classes).tolist()) for photo in photos)) if photos else set()
+    classes_of = [photo.classes_present for photo in photos]
+    present = set().union(*classes_of)
     maps, per_class = [], {name: [] for name in class_names}
     for _ in range(samples):
         for _attempt in range(100):
-            drawn = [photos[i] for i in rng.integers(0, len(photos), len(photos))]
-            if set().union(*(set(np.asarray(photo.truth_classes).tolist()) for photo in drawn)) >= present:
+            picks = rng.integers(0, len(photos), len(photos))
+            if set().union(*(classes_of[i] for i in picks)) >= present:
                 break
+        drawn = [photos[i] for i in picks]
         ap = average_precision_50(drawn, class_names, iou_threshold)
         maps.append(np.mean(list(ap.values())))
         for name, value in ap.items():
@@ -270,12 +288,10 @@ def bootstrap_map_interval(photos: list[PhotoDetections], class_names, samples: 
 def face_average_precision_50(photos: list[PhotoDetections], iou_threshold: float = 0.5) -> float:
     """Class-agnostic AP: how well faces are found, whatever class they are given.
 
-    A found face's score is its face score, the sum of its per-class hypotheses (probabilities sum to one).
+    A found face's score is its face score (PhotoDetections.face_scores).
     """
     as_faces = [replace(photo, truth_classes=np.zeros(len(photo.truth_classes), int),
-                        found_scores=np.asarray(photo.found_scores, float).reshape(len(photo.found_boxes), -1)
-                        .sum(axis=1, keepdims=True))
-                for photo in photos]
+                        found_scores=photo.face_scores[:, None]) for photo in photos]
     return average_precision_50(as_faces, ["face"], iou_threshold)["face"]
 
 
@@ -284,14 +300,12 @@ def with_true_classes(photos: list[PhotoDetections], iou_threshold: float = 0.5)
     face's class with all of its face score: what a perfect classifier would make of these boxes."""
     corrected = []
     for photo in photos:
-        scores = np.array(photo.found_scores, float).reshape(len(photo.found_boxes), -1)
-        truth = np.asarray(photo.truth_boxes, float).reshape(-1, 4)
-        for index, box in enumerate(np.asarray(photo.found_boxes, float).reshape(-1, 4)):
-            overlaps = _iou(box, truth)
+        scores = photo.found_scores.copy()
+        for index, (box, face_score) in enumerate(zip(photo.found_boxes, photo.face_scores)):
+            overlaps = _iou(box, photo.truth_boxes)
             if overlaps.size and overlaps.max() >= iou_threshold:
-                face_score = scores[index].sum()
                 scores[index] = 0.0
-                scores[index, int(photo.truth_classes[int(overlaps.argmax())])] = face_score
+                scores[index, photo.truth_classes[int(overlaps.argmax())]] = face_score
         corrected.append(replace(photo, found_scores=scores))
     return corrected
 
@@ -306,24 +320,21 @@ def detection_confusion(photos: list[PhotoDetections], num_classes: int, min_fac
     """
     counts = np.zeros((num_classes + 1, num_classes + 1), int)
     for photo in photos:
-        scores = np.asarray(photo.found_scores, float).reshape(len(photo.found_boxes), -1)
-        boxes = np.asarray(photo.found_boxes, float).reshape(-1, 4)
-        truth = np.asarray(photo.truth_boxes, float).reshape(-1, 4)
-        free = np.ones(len(truth), bool)
-        face_scores = scores.sum(axis=1) if len(scores) else np.zeros(0)
+        free = np.ones(len(photo.truth_boxes), bool)
+        face_scores = photo.face_scores
         for index in np.argsort(-face_scores, kind="stable"):
             if face_scores[index] < min_face_score:
                 break
-            predicted = int(scores[index].argmax())
-            overlaps = np.where(free, _iou(boxes[index], truth), -1.0) if len(truth) else np.zeros(0)
+            predicted = int(photo.found_scores[index].argmax())
+            overlaps = np.where(free, _iou(photo.found_boxes[index], photo.truth_boxes), -1.0)
             if overlaps.size and overlaps.max() >= iou_threshold:
                 match = int(overlaps.argmax())
                 free[match] = False
-                counts[int(photo.truth_classes[match]), predicted] += 1
+                counts[photo.truth_classes[match], predicted] += 1
             else:
                 counts[num_classes, predicted] += 1
         for match in np.flatnonzero(free):
-            counts[int(photo.truth_classes[match]), num_classes] += 1
+            counts[photo.truth_classes[match], num_classes] += 1
     return counts
 
 
@@ -377,8 +388,9 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
         "map50_true_classes": float(np.mean(list(true_class_ap.values()))),
         "face_recall": hits / total if total else None, "face_recall_by_size": recall_by_size,
         "faces_by_size": {name: t for name, (_, t) in matched_by_size.items()},
-        "confusion": {"operating_face_score": operating_face_score, "iou_threshold": iou_threshold, "rows": [*class_names, "no face"],
-                      "columns": [*class_names, "missed"], "counts": confusion.tolist()},
+        "confusion": {"operating_face_score": operating_face_score, "iou_threshold": iou_threshold,
+                      "rows": [*class_names, "no face"], "columns": [*class_names, "missed"],
+                      "counts": confusion.tolist()},
         "ms_per_photo": float(np.mean(milliseconds)) if milliseconds else None,
         "interval": (bootstrap_map_interval(scored, class_names, bootstrap_samples, confidence_level, iou_threshold)
                      if bootstrap_samples and scored else None),

@@ -136,6 +136,10 @@ def test_detection_confusion_hand_counts():
     assert detection_confusion([photo], 3, min_face_score=0.0)[2].tolist() == [0, 0, 1, 0]
     # Every annotated face is counted once, found or missed.
     assert counts[:3].sum() == len(faces)
+    # A photo where nothing was found (given as empty lists): every face missed, no false alarm.
+    nothing = _photo(faces, [0, 1, 2], [], [])
+    assert detection_confusion([nothing], 3)[:, 3].tolist() == [1, 1, 1, 0]
+    assert detection_confusion([nothing], 3)[:, :3].sum() == 0
 
 
 def test_bootstrap_map_interval_resamples_whole_photos():
