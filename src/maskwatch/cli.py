@@ -41,6 +41,13 @@ class Runtime(str, Enum):
     onnx = "onnx"
 
 
+class Split(str, Enum):
+    test = "test"
+    val = "val"
+
+
+SplitOpt = Annotated[Split, typer.Option(
+    help="The split to score: test (what results report) or val (what settings are chosen on).")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     help="Bundle folder, .keras file or models:/name@alias (default: the champion).")]
 RuntimeOpt = Annotated[Optional[Runtime], typer.Option(help="Classifier runtime (exports: `maskwatch export`).")]
@@ -154,12 +161,14 @@ def train_detector_command(
 def evaluate(model: ModelOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON on stdout.")] = False,
              detection: Annotated[bool, typer.Option(
-                 "--detection", help="Face detector + classifier on the test photos: AP@0.5, mAP, recall by size, "
+                 "--detection", help="Face detector + classifier on the split's photos: AP@0.5, mAP, recall by size, "
                               "face AP, mAP with true classes and a confusion table (missed faces, false alarms).")]
              = False,
+             split: SplitOpt = Split.test,
              config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = None, data_dir: DataDirOpt = None,
              tracking_uri: TrackingOpt = None, work_dir: WorkDirOpt = None) -> None:
-    """Evaluate a model on the test split: accuracy, per-class metrics, macro-F1, recall intervals."""
+    """Evaluate a model on the test split (or --split val): accuracy, per-class metrics, macro-F1, recall
+    intervals; with --detection, detector + classifier on the split's photos."""
     import keras
 
     from maskwatch.bundle import bundle_paths, read_metadata
@@ -169,21 +178,23 @@ def evaluate(model: ModelOpt = None,
     uri = model or settings.champion_uri
     bundle, prepared = _model_and_data(settings, uri)
     model_file, _ = bundle_paths(bundle)
+    faces = prepared.split(split.value)
     if detection:
-        _evaluate_detection(settings, bundle, uri, prepared, as_json)
+        _evaluate_detection(settings, bundle, uri, prepared, faces, split.value, as_json)
         return
-    result, _ = evaluate_model(keras.models.load_model(model_file), prepared.test_df,
+    result, _ = evaluate_model(keras.models.load_model(model_file), faces,
                                bootstrap_samples=settings.evaluate.bootstrap_samples,
                                confidence_level=settings.evaluate.confidence_level,
                                class_log_bias=read_metadata(bundle).thresholds.get("class_log_bias"))
     if as_json:
-        sys.stdout.write(json.dumps({"model": uri, "data_hash": prepared.data_hash, **result.to_dict()}, indent=2)
-                         + "\n")
+        sys.stdout.write(json.dumps({"model": uri, "split": split.value, "data_hash": prepared.data_hash,
+                                     **result.to_dict()}, indent=2) + "\n")
     else:
-        typer.echo(format_summary(result))
+        typer.echo(format_summary(result, split=split.value))
 
 
-def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, as_json: bool) -> None:
+def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, faces, split: str,
+                        as_json: bool) -> None:
     from maskwatch import tracking
     from maskwatch.detect import (DetectorModelError, MaskDetector, Predictor, create_face_detector, for_evaluation,
                                   reported_face_score)
@@ -196,13 +207,15 @@ def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, as
                                      settings.detector.class_fusion)
     except DetectorModelError as error:
         _fail(str(error))
-    metrics = evaluate_detection(mask_detector, prepared.test_df,
+    metrics = evaluate_detection(mask_detector, faces,
                                  operating_face_score=reported_face_score(settings.detector),
                                  bootstrap_samples=settings.evaluate.detection_bootstrap_samples,
                                  confidence_level=settings.evaluate.confidence_level)
-    metrics.update(model=uri, data_hash=prepared.data_hash, detector=settings.detector.model_dump(mode="json"))
+    metrics.update(model=uri, split=split, data_hash=prepared.data_hash,
+                   detector=settings.detector.model_dump(mode="json"))
     try:  # logged to MLflow beside the classification metrics, as its own run
-        with tracking.evaluation_run(settings, "detection", {"data_hash": prepared.data_hash, "model": uri}):
+        with tracking.evaluation_run(settings, "detection",
+                                     {"data_hash": prepared.data_hash, "model": uri, "split": split}):
             log_detection_evaluation(metrics)
     except tracking.TrackingUnavailableError as error:
         typer.secho(f"warning: metrics not logged: {error}", fg="yellow", err=True)

@@ -76,6 +76,13 @@ class PreparedData:
     def all_faces(self) -> pd.DataFrame:
         return pd.concat([self.train_df, self.val_df, self.test_df], ignore_index=True)
 
+    def split(self, name: str) -> pd.DataFrame:
+        """The faces of one split by name: train, val or test."""
+        frames = {"train": self.train_df, "val": self.val_df, "test": self.test_df}
+        if name not in frames:
+            raise ValueError(f"unknown split {name!r}: expected one of {', '.join(frames)}")
+        return frames[name]
+
 
 # ----------------------------------------------------------------------------- locating
 

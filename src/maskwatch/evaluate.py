@@ -156,8 +156,8 @@ def _confusion_figure(counts: np.ndarray, column_labels: list[str], path: Path, 
     return path
 
 
-def format_summary(result: EvaluationResult, class_names=CLASS_NAMES) -> str:
-    lines = [f"test faces: {result.n_faces}   accuracy: {result.accuracy:.3f}   macro-F1: {result.macro_f1:.3f}",
+def format_summary(result: EvaluationResult, class_names=CLASS_NAMES, split: str = "test") -> str:
+    lines = [f"{split} faces: {result.n_faces}   accuracy: {result.accuracy:.3f}   macro-F1: {result.macro_f1:.3f}",
              f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}   recall 95% CI"]
     for name in class_names:
         values = result.per_class[name]
@@ -441,7 +441,7 @@ def detection_metric_values(metrics: dict, prefix: str = "det_") -> dict[str, fl
 
 
 def format_detection_summary(metrics: dict) -> str:
-    lines = [f"photos: {metrics['photos']}   faces: {metrics['faces']}   mAP@{metrics['iou_threshold']}: "
+    lines = [f"{metrics.get('split', 'test')} photos: {metrics['photos']}   faces: {metrics['faces']}   mAP@{metrics['iou_threshold']}: "
              f"{metrics['map50']:.3f}   face recall: {metrics['face_recall']:.3f}   "
              f"{metrics['ms_per_photo']:.1f} ms/photo"]
     interval = metrics.get("interval")

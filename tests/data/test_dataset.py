@@ -72,6 +72,10 @@ def test_prepare_writes_crops_report_and_reuses_cache(small_prepared, settings_f
         assert (report_dir / name).stat().st_size > 0
     for frame in (prepared.train_df, prepared.val_df, prepared.test_df):
         assert (frame.label == "mask_weared_incorrect").any()
+    for name in ("train", "val", "test"):  # by name, as `maskwatch evaluate --split` asks for it
+        assert set(prepared.split(name)["split"]) == {name}
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        prepared.split("holdout")
 
 
 def test_detector_photos_split_exactly_like_the_classifier_crops(small_prepared, data_dir, tmp_path):

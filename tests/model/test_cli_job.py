@@ -42,6 +42,42 @@ def test_evaluate_json_on_stdout(trained):
     assert 0 <= metrics["macro_f1"] <= 1 and len(metrics["confusion_matrix"]) == 3
 
 
+def test_evaluate_scores_the_split_it_is_asked_for(trained, data_dir, yunet_path):
+    """--split val scores the validation faces (settings are chosen there), the default the test faces; the
+    JSON, the printed header and the MLflow run say which."""
+    import mlflow
+
+    from maskwatch.config import load_settings
+    from maskwatch.data import split_faces
+
+    work, env, args, _ = trained
+    env = {**env, "MASKWATCH_YUNET_PATH": str(yunet_path)}
+    _, val_faces, test_faces = split_faces(load_settings(
+        overrides={"data": {"source_dir": str(data_dir), "max_photos": 24}}, environ={}))
+    assert len(val_faces) != len(test_faces)  # so the counts below tell the splits apart
+    scored = {}
+    for split in ("val", "test"):
+        out = subprocess.run([MASKWATCH, "evaluate", "--json", "--split", split, *args], capture_output=True,
+                             text=True, timeout=300, env=env, cwd=work)
+        assert out.returncode == 0, out.stderr[-2000:]
+        scored[split] = json.loads(out.stdout)
+        assert scored[split]["split"] == split
+    assert scored["val"]["n_faces"] == len(val_faces) and scored["test"]["n_faces"] == len(test_faces)
+
+    out = subprocess.run([MASKWATCH, "evaluate", "--detection", "--split", "val", *args], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=work)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith(f"val photos: {val_faces['photo_id'].nunique()}   faces: {len(val_faces)}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("maskwatch").experiment_id],
+                              "tags.mlflow.runName = 'evaluate-detection' and tags.split = 'val'")
+    assert len(runs) == 1
+
+    bad = subprocess.run([MASKWATCH, "evaluate", "--split", "train", *args], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=work)
+    assert bad.returncode == 2 and "'train' is not one of" in bad.stderr
+
+
 def test_evaluate_detection_reports_where_map_is_lost_and_logs_it(trained, yunet_path):
     """evaluate --detection: YuNet + the champion on the test photos, mAP beside face AP and true-class mAP, and
     a confusion table in which every annotated face is counted once; all logged to an MLflow run."""
@@ -73,7 +109,7 @@ def test_evaluate_detection_reports_where_map_is_lost_and_logs_it(trained, yunet
     assert "interval over resampled photos" in text.stdout
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("maskwatch").experiment_id],
-                              "tags.mlflow.runName = 'evaluate-detection'")
+                              "tags.mlflow.runName = 'evaluate-detection' and tags.split = 'test'")
     assert len(runs) == 2
     assert runs[0].data.metrics["det_face_ap50"] == pytest.approx(metrics["face_ap50"])
     assert runs[0].data.metrics["det_map50_true_classes"] == pytest.approx(metrics["map50_true_classes"])
