@@ -384,9 +384,10 @@ def export_command(
     settings = _settings(config, "full", set_, data_dir, tracking_uri, work_dir)
     uri = model or settings.champion_uri
     bundle, prepared = _model_and_data(settings, uri)
-    results = export_model(bundle, formats, prepared.train_df)
+    results = export_model(bundle, formats, prepared.train_df, prepared.val_df)
     for result in results:
-        typer.echo(f"{result.runtime:<12} {result.size_bytes / 1e6:6.1f} MB  {result.path}")
+        kept = f"  ({len(result.float_layers)} layer(s) kept in float)" if result.float_layers else ""
+        typer.echo(f"{result.runtime:<12} {result.size_bytes / 1e6:6.1f} MB  {result.path}{kept}")
     if uri.startswith(("models:/", "runs:/")):
         run_id = tracking.attach_to_registered_model(uri, settings, [r.path for r in results])
         typer.echo(f"attached to {uri} (run {run_id}): serve it with --runtime {results[0].runtime}")

@@ -410,7 +410,7 @@ def _load_runtime(model_file: Path, runtime: str, size: int,
     if not exported.is_file():
         raise FileNotFoundError(f"no {runtime} export at {exported}: run `maskwatch export --format {runtime}`")
     threads = num_threads or os.cpu_count() or 1
-    return _onnx_runtime(exported, threads) if runtime == "onnx" else _litert_runtime(exported, threads)
+    return _onnx_runtime(exported, threads) if runtime == "onnx" else litert_runtime(exported, threads)
 
 
 def _keras_runtime(model_file: Path, size: int):
@@ -428,7 +428,8 @@ def _keras_runtime(model_file: Path, size: int):
     return lambda batch: infer(tf.constant(batch)).numpy()
 
 
-def _litert_runtime(path: Path, num_threads: int):
+def litert_runtime(path: Path, num_threads: int):
+    """A thread-safe batch -> probabilities function for one .tflite file (ai-edge-litert)."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path), num_threads=num_threads)

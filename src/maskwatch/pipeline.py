@@ -90,7 +90,8 @@ def run_job(settings: Settings, run_name: str | None = None) -> JobResult:
             training_config=json.loads(settings.model_dump_json()), data_hash=prepared.data_hash,
             metrics=evaluation.flat_metrics(), run_id=run_id)
         bundle_dir = save_bundle(model, run_dir / "model", metadata)
-        exports = export_model(bundle_dir, list(settings.train.export_formats), prepared.train_df)
+        exports = export_model(bundle_dir, list(settings.train.export_formats), prepared.train_df,
+                               prepared.val_df)
         metadata = read_metadata(bundle_dir)
         (bundle_dir / "config.yaml").write_text(settings.to_yaml())
         tracking.log_artifact(bundle_dir / "config.yaml")

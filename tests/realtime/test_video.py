@@ -105,6 +105,40 @@ def test_exports_agree_with_keras(tiny_bundle, small_prepared, tmp_path):
         Predictor.from_path(tiny_bundle, "onnx")
 
 
+@pytest.mark.slow
+def test_int8_export_keeps_layers_in_float_only_where_that_agrees_better(tiny_bundle, small_prepared, tmp_path):
+    """Given validation crops, the int8 export also builds a model with its worst layers in float and keeps
+    whichever agrees more with Keras there; without them, the plain int8 model."""
+    import keras
+    import tensorflow as tf
+
+    from maskwatch.bundle import bundle_paths, read_metadata
+    from maskwatch.detect import litert_runtime
+    from maskwatch.export import export_int8_litert
+    from maskwatch.preprocessing import read_image
+
+    model = keras.models.load_model(bundle_paths(tiny_bundle)[0], compile=False)
+    size = read_metadata(tiny_bundle).input_size
+    signature = [tf.TensorSpec([None, size, size, 3], tf.float32, name="image")]
+    plain, chosen = tmp_path / "plain.tflite", tmp_path / "chosen.tflite"
+    assert export_int8_litert(model, signature, small_prepared.train_df, plain).float_layers == []
+    errors = export_int8_litert(model, signature, small_prepared.train_df, chosen, small_prepared.val_df).layer_errors
+    assert len(errors) > 50 and (errors > 0).all()  # one per quantized layer of MobileNetV2 + head
+    # A limit half the layers miss: two models to choose from, whatever this briefly trained model's errors are.
+    limit = float(np.median(errors))
+    result = export_int8_litert(model, signature, small_prepared.train_df, chosen, small_prepared.val_df, limit)
+    assert set(result.agreement) == {"plain", "with float layers"}
+
+    crops = np.stack([read_image(p) for p in small_prepared.val_df["crop_path"]]).astype(np.float32)
+    reference = model(crops, training=False).numpy().argmax(1)
+    agreement = {path: (litert_runtime(path, 1)(crops).argmax(1) == reference).mean() for path in (plain, chosen)}
+    assert agreement[plain] == pytest.approx(result.agreement["plain"])
+    assert agreement[chosen] == pytest.approx(max(result.agreement.values()))
+    assert agreement[chosen] >= agreement[plain]
+    assert (chosen.read_bytes() == plain.read_bytes()) == (result.float_layers == [])
+    assert set(result.float_layers) in (set(), set(errors.index[errors > limit]))
+
+
 def test_live_page_draws_boxes_from_a_fake_camera(playwright_session, gunicorn_server, data_dir, tmp_path):
     """Chromium's fake camera plays a .y4m built from data-set photos; the page draws labelled boxes."""
     from conftest import CHROMIUM_ARGS
