@@ -441,8 +441,8 @@ def detection_metric_values(metrics: dict, prefix: str = "det_") -> dict[str, fl
 
 
 def format_detection_summary(metrics: dict) -> str:
-    lines = [f"{metrics.get('split', 'test')} photos: {metrics['photos']}   faces: {metrics['faces']}   mAP@{metrics['iou_threshold']}: "
-             f"{metrics['map50']:.3f}   face recall: {metrics['face_recall']:.3f}   "
+    lines = [f"{metrics.get('split', 'test')} photos: {metrics['photos']}   faces: {metrics['faces']}   "
+             f"mAP@{metrics['iou_threshold']}: {metrics['map50']:.3f}   face recall: {metrics['face_recall']:.3f}   "
              f"{metrics['ms_per_photo']:.1f} ms/photo"]
     interval = metrics.get("interval")
     if interval:

@@ -105,9 +105,12 @@ def export_int8_litert(model, signature, calibration_df: pd.DataFrame, target: P
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: calibration_batches(calibration_df)
-        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=debug_crops)
-        candidates = {(): debugger.get_nondebug_quantized_model()}
-        errors = _int8_layer_errors(debugger) if selection_df is not None and not selection_df.empty else None
+        candidates = {(): converter.convert()}
+        # The layer-by-layer debugger only when there are crops to judge a second model on.
+        errors = None
+        if selection_df is not None and not selection_df.empty:
+            errors = _int8_layer_errors(tf.lite.experimental.QuantizationDebugger(converter=converter,
+                                                                                  debug_dataset=debug_crops))
         suspects = () if errors is None else tuple(errors.index[errors > max_error_steps])
         if errors is not None:
             log.info("int8: %d of %d layers miss float by more than %.2g steps (worst %.2g)", len(suspects),
@@ -155,8 +158,8 @@ def _agreement_with_keras(model, candidates: dict, crops_df: pd.DataFrame, batch
     reference = np.concatenate([keras.ops.convert_to_numpy(model(b, training=False)).argmax(1) for b in batches])
     agreement = {}
     with tempfile.TemporaryDirectory() as folder:
-        for key, content in candidates.items():
-            path = Path(folder) / f"candidate{len(agreement)}.tflite"
+        for index, (key, content) in enumerate(candidates.items()):
+            path = Path(folder) / f"candidate{index}.tflite"
             path.write_bytes(content)
             infer = litert_runtime(path, num_threads=1)
             agreement[key] = float((np.concatenate([infer(b).argmax(1) for b in batches]) == reference).mean())
