@@ -105,12 +105,11 @@ def export_int8_litert(model, signature, calibration_df: pd.DataFrame, target: P
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: calibration_batches(calibration_df)
-        candidates = {(): converter.convert()}
-        # The layer-by-layer debugger only when there are crops to judge a second model on.
-        errors = None
-        if selection_df is not None and not selection_df.empty:
-            errors = _int8_layer_errors(tf.lite.experimental.QuantizationDebugger(converter=converter,
-                                                                                  debug_dataset=debug_crops))
+        # The plain model through the debugger too: converter.convert() from the SavedModel quantizes differently
+        # (other bytes), and in one CI run its int8 model of the test bundle fell below the parity test's bar.
+        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=debug_crops)
+        candidates = {(): debugger.get_nondebug_quantized_model()}
+        errors = _int8_layer_errors(debugger) if selection_df is not None and not selection_df.empty else None
         suspects = () if errors is None else tuple(errors.index[errors > max_error_steps])
         if errors is not None:
             log.info("int8: %d of %d layers miss float by more than %.2g steps (worst %.2g)", len(suspects),
