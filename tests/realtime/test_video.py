@@ -85,16 +85,21 @@ def test_exports_agree_with_keras(tiny_bundle, small_prepared, tmp_path):
     report = parity_report(bundle, small_prepared.test_df, ["litert", "litert_int8", "onnx"])
     assert report["litert"]["max_abs_diff"] < 1e-4 and report["onnx"]["max_abs_diff"] < 1e-4
     # A briefly trained model has near-ties, where any rounding may flip the class: judge decisions on the
-    # crops Keras is clear about (float: any visible margin; int8: a margin of 0.2).
+    # crops Keras is clear about (float: any visible margin; int8: a margin of 0.5), and int8 by its mean
+    # probability error too. benchmarks/int8_fidelity.py, over 8 seeds of this bundle: int8 agreed on every such
+    # crop and missed by 0.028-0.058 on average; calibrated on darkened crops it missed by 0.13-0.27 and flipped
+    # up to 75% of them, calibrated on noise it missed by 0.07-0.15.
     crops = np.stack([read_image(path) for path in small_prepared.test_df["crop_path"]])
     reference = Predictor.from_path(bundle, "keras").predict_inputs(crops)
     top_two = np.sort(reference, axis=1)[:, -2:]
     margin = top_two[:, 1] - top_two[:, 0]
-    for runtime, clear_margin, wanted in (("litert", 1e-3, 1.0), ("onnx", 1e-3, 1.0), ("litert_int8", 0.2, 0.9)):
+    for runtime, clear_margin, wanted in (("litert", 1e-3, 1.0), ("onnx", 1e-3, 1.0), ("litert_int8", 0.5, 0.9)):
         probabilities = Predictor.from_path(bundle, runtime).predict_inputs(crops)
         clear = margin >= clear_margin
         agreement = (probabilities.argmax(1) == reference.argmax(1))[clear].mean()
-        assert clear.sum() >= 10 and agreement >= wanted, (runtime, int(clear.sum()), agreement, report[runtime])
+        assert clear.sum() >= 8 and agreement >= wanted, (runtime, int(clear.sum()), agreement, report[runtime])
+        if runtime == "litert_int8":
+            assert np.abs(probabilities - reference).mean() <= 0.08, report[runtime]
     size = read_metadata(bundle).input_size
     for runtime in ("litert", "onnx"):
         predictor = Predictor.from_path(bundle, runtime)
