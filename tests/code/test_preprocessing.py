@@ -1,6 +1,9 @@
+import io
+
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from maskwatch.preprocessing import (CropSpec, ImageDecodeError, PixelLimitError, crop_box, decode_image,
                                      extract_face, read_image)
@@ -37,6 +40,40 @@ def test_decode_png_rgba_and_jpeg_give_rgb():
     ok, png = cv2.imencode(".png", rgba)
     rgb = decode_image(png.tobytes())
     assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == 255).all()
+
+
+def _encoded(image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_decode_turns_a_phone_photo_upright_by_its_exif_orientation(data_dir):
+    """Phones store photos sideways with an EXIF orientation tag; the face detector needs them upright."""
+    photo = Image.open(data_dir / "images" / "maksssksksss10.jpg").convert("RGB")
+    stored_as_is = decode_image(_encoded(photo, "JPEG", quality=95))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright = decode_image(_encoded(photo, "JPEG", quality=95, exif=exif))
+    assert upright.shape == (photo.width, photo.height, 3)
+    np.testing.assert_array_equal(upright, np.rot90(stored_as_is, k=-1))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "I;16"])
+def test_decode_gives_8_bit_rgb_whatever_the_colour_mode(data_dir, mode):
+    photo = Image.open(data_dir / "images" / "maksssksksss10.jpg").convert("RGB")
+    reference = np.asarray(photo).astype(int)
+    if mode == "I;16":  # 16-bit PNG, as scanners and some cameras write
+        data = cv2.imencode(".png", cv2.cvtColor(np.asarray(photo).astype(np.uint16) * 257, cv2.COLOR_RGB2BGR))[1]
+        data = data.tobytes()
+    else:
+        data = _encoded(photo.convert(mode), "JPEG" if mode == "CMYK" else "PNG")
+    decoded = decode_image(data)
+    assert decoded.shape == reference.shape and decoded.dtype == np.uint8
+    if mode in ("CMYK", "I;16"):  # same colours (CMYK through JPEG: within its rounding)
+        assert np.abs(decoded.astype(int) - reference).mean() < 3
+    else:  # grey or a 256-colour palette: every channel carries the picture
+        assert np.corrcoef(decoded[..., 1].ravel(), reference[..., 1].ravel())[0, 1] > 0.9
 
 
 @pytest.mark.parametrize("payload", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])

@@ -28,6 +28,30 @@ def test_upload_shows_labelled_boxes(browser, gunicorn_server, data_dir, tmp_pat
     page.close()
 
 
+def test_sideways_phone_photo_is_drawn_upright_like_the_server_sees_it(browser, gunicorn_server, data_dir, tmp_path):
+    """A phone photo stored sideways with an EXIF orientation tag: the server detects on the upright picture,
+    so the page must draw that same upright picture under the boxes."""
+    from PIL import Image
+
+    photo = Image.open(data_dir / "images" / "maksssksksss0.jpg").convert("RGB")
+    sideways = photo.transpose(Image.Transpose.ROTATE_90)  # stored turned a quarter anticlockwise ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... and tagged "rotate 90 degrees clockwise to display"
+    upload = tmp_path / "phone.jpg"
+    sideways.save(upload, "JPEG", quality=95, exif=exif)
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    page.goto(gunicorn_server + "/")
+    with page.expect_response(lambda response: "/v1/predict" in response.url) as answer:
+        page.set_input_files("#file", str(upload))
+    page.wait_for_selector("#status[data-faces]", timeout=30_000)
+    served = answer.value.json()
+    assert served["image"] == {"width": photo.width, "height": photo.height}  # upright
+    drawn = page.evaluate("() => { const c = document.getElementById('canvas'); return [c.width, c.height]; }")
+    assert drawn == [photo.width, photo.height]
+    assert int(page.get_attribute("#status", "data-faces")) >= 3
+    page.close()
+
+
 def test_page_shows_server_errors(browser, gunicorn_server, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_bytes(b"this is not a photo")
