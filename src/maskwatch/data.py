@@ -43,7 +43,8 @@ class UnknownLabelError(DataError):
 
 @dataclass
 class DataIssue:
-    kind: str  # malformed_xml | missing_image | unreadable_image | degenerate_box | box_outside | box_clipped
+    kind: str  # malformed_xml | missing_image | unreadable_image | size_mismatch | degenerate_box | box_outside
+    #          | box_clipped
     file: str
     detail: str
 
@@ -228,6 +229,20 @@ def scan_voc(root: Path, class_names: Iterable[str] = CLASS_NAMES) -> ScanResult
     return ScanResult(pd.DataFrame(rows, columns=FACE_COLUMNS), issues, len(xml_files), "voc")
 
 
+# EXIF orientations 5-8 turn the stored picture a quarter: it is shown (and decoded) with width and height swapped.
+QUARTER_TURN_ORIENTATIONS = (5, 6, 7, 8)
+EXIF_ORIENTATION = 0x0112
+
+
+def _upright_size(probe) -> tuple[int, int]:
+    """(width, height) of an opened PIL image as decode_image returns it: phones store photos sideways with an
+    EXIF orientation tag, which OpenCV applies and PIL's size ignores."""
+    width, height = probe.size
+    if probe.getexif().get(EXIF_ORIENTATION) in QUARTER_TURN_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
 def scan_class_folders(root: Path, class_names: Iterable[str] = CLASS_NAMES) -> ScanResult:
     from PIL import Image
 
@@ -244,7 +259,7 @@ def scan_class_folders(root: Path, class_names: Iterable[str] = CLASS_NAMES) -> 
             seen += 1
             try:
                 with Image.open(image_path) as probe:
-                    width, height = probe.size
+                    width, height = _upright_size(probe)
             except Exception as err:  # PIL raises many types for bad files
                 issues.append(DataIssue("unreadable_image", str(image_path.relative_to(root)), str(err)))
                 continue
@@ -341,6 +356,9 @@ def write_crops(faces: pd.DataFrame, spec: CropSpec, crops_dir: Path, issues: li
         except ImageDecodeError as err:
             issues.append(DataIssue("unreadable_image", Path(image_path).name, str(err)))
             continue
+        if mismatch := _size_mismatch(photo_faces.iloc[0], image, image_path):
+            issues.append(DataIssue("size_mismatch", Path(image_path).name, mismatch))
+            continue
         hasher.update(Path(image_path).name.encode())
         hasher.update(hashlib.sha256(image.tobytes()).digest())
         for index, face in enumerate(photo_faces.itertuples(index=False)):
@@ -355,6 +373,25 @@ def write_crops(faces: pd.DataFrame, spec: CropSpec, crops_dir: Path, issues: li
     cropped = pd.DataFrame(out_rows)
     cropped.attrs["pixels_hash"] = hasher.hexdigest()
     return cropped
+
+
+def _size_mismatch(face, image: np.ndarray, image_path: str) -> str | None:
+    """Why the annotation's photo size disagrees with the decoded photo (its boxes would cut the wrong pixels),
+    or None. Annotations without a size (-1) are not checked."""
+    annotated = (int(face.photo_width), int(face.photo_height))
+    decoded = (image.shape[1], image.shape[0])
+    if annotated[0] <= 0 or annotated == decoded:
+        return None
+    message = f"annotated as {annotated[0]}x{annotated[1]} but the photo decodes as {decoded[0]}x{decoded[1]}"
+    if annotated == decoded[::-1]:
+        from PIL import Image
+
+        with Image.open(image_path) as probe:
+            orientation = probe.getexif().get(EXIF_ORIENTATION)
+        if orientation in QUARTER_TURN_ORIENTATIONS:
+            message += (f": the file is stored sideways with EXIF orientation {orientation} and was annotated "
+                        "sideways; annotate an upright copy")
+    return message + "; its faces are left out"
 
 
 def _safe(photo_id: str) -> str:

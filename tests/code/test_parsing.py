@@ -1,8 +1,10 @@
 import shutil
 
+import numpy as np
 import pytest
 
-from maskwatch.data import DataError, UnknownLabelError, parse_voc_annotation, scan_dataset
+from maskwatch.data import DataError, UnknownLabelError, parse_voc_annotation, scan_dataset, write_crops
+from maskwatch.preprocessing import CropSpec, extract_face, read_image
 
 VOC = """<annotation><filename>{filename}</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>
 {objects}</annotation>"""
@@ -86,3 +88,47 @@ def test_folder_per_class_layout(tmp_path, data_dir):
     (tmp_path / "chin_mask").mkdir()
     with pytest.raises(UnknownLabelError, match="chin_mask"):
         scan_dataset(tmp_path)
+
+
+def _save_sideways_phone_photo(source, target):
+    """The photo as a phone stores it: pixels as they are, tagged "rotate 90 degrees clockwise to display"."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(source).save(target, "JPEG", quality=95, exif=exif)
+
+
+def test_folder_layout_crops_a_sideways_phone_photo_whole(tmp_path, data_dir):
+    (tmp_path / "with_mask").mkdir()
+    photo = tmp_path / "with_mask" / "selfie.jpg"
+    _save_sideways_phone_photo(data_dir / "images" / "maksssksksss1.jpg", photo)
+    scan = scan_dataset(tmp_path)
+    upright = read_image(photo)
+    face = scan.faces.iloc[0]
+    assert (face.xmax, face.ymax) == (upright.shape[1], upright.shape[0])  # the whole upright photo
+    spec = CropSpec(margin=0.0, square=False, size=64)
+    cropped = write_crops(scan.faces, spec, tmp_path / "crops", issues := [])
+    assert issues == []
+    np.testing.assert_array_equal(read_image(cropped.iloc[0].crop_path),
+                                  extract_face(upright, (0, 0, upright.shape[1], upright.shape[0]), spec))
+
+
+def test_photo_that_does_not_match_its_annotated_size_is_reported_and_left_out(tmp_path, data_dir):
+    root = make_voc(tmp_path / "voc", data_dir, {
+        "good": (voc("good", [("with_mask", (10, 10, 50, 50))]), True),
+        "wrong": (voc("wrong", [("with_mask", (10, 10, 50, 50))], w=640, h=480), True),
+        "sideways": (voc("sideways", [("with_mask", (10, 10, 50, 50)), ("without_mask", (60, 10, 90, 50))]), False),
+    })
+    _save_sideways_phone_photo(data_dir / "images" / "maksssksksss0.jpg", root / "images" / "sideways.jpg")
+    scan = scan_dataset(root)
+    assert scan.issue_counts() == {} and len(scan.faces) == 4
+    issues = []
+    cropped = write_crops(scan.faces, CropSpec(), tmp_path / "crops", issues)
+    assert list(cropped["photo_id"]) == ["good"]
+    reasons = {issue.file: issue.detail for issue in issues if issue.kind == "size_mismatch"}
+    assert reasons["wrong.jpg"] == ("annotated as 640x480 but the photo decodes as 512x366; "
+                                    "its faces are left out")
+    assert reasons["sideways.jpg"].startswith("annotated as 512x366 but the photo decodes as 366x512: the file "
+                                              "is stored sideways with EXIF orientation 6")
+    assert len(issues) == 2
