@@ -56,7 +56,7 @@ def main(argv=None):
     if not args.detector or not Path(args.detector).is_file():
         parser.error("--detector: no face_detector.onnx given or found (train one with maskwatch train-detector)")
 
-    from maskwatch.detect import MaskDetector, create_face_detector, for_evaluation
+    from maskwatch.detect import MaskDetector, create_face_detector, for_evaluation, ranking_face_score_power
     from maskwatch.evaluate import evaluate_detection
 
     settings, prepared, predictor = detection_setup(args.model, args.runtime)
@@ -72,7 +72,7 @@ def main(argv=None):
     for split in args.splits:
         for name, (face_detector, classifier) in variants.items():
             metrics = evaluate_detection(MaskDetector(classifier, face_detector, config.class_fusion), frames[split],
-                                         progress=False)
+                                         progress=False, face_score_power=ranking_face_score_power(config))
             rows.append({"split": split, "variant": name, **detection_row(metrics)})
             print(f"{split} {name}: mAP {metrics['map50']:.3f}", flush=True)
         plain = next(r for r in rows if r["split"] == split and r["variant"] == "plain")

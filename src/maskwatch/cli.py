@@ -197,7 +197,7 @@ def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, fa
                         as_json: bool) -> None:
     from maskwatch import tracking
     from maskwatch.detect import (DetectorModelError, MaskDetector, Predictor, create_face_detector, for_evaluation,
-                                  reported_face_score)
+                                  ranking_face_score_power, reported_face_score)
     from maskwatch.evaluate import evaluate_detection, format_detection_summary
     from maskwatch.pipeline import log_detection_evaluation
 
@@ -209,6 +209,7 @@ def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, fa
         _fail(str(error))
     metrics = evaluate_detection(mask_detector, faces,
                                  operating_face_score=reported_face_score(settings.detector),
+                                 face_score_power=ranking_face_score_power(settings.detector),
                                  bootstrap_samples=settings.evaluate.detection_bootstrap_samples,
                                  confidence_level=settings.evaluate.confidence_level)
     metrics.update(model=uri, split=split, data_hash=prepared.data_hash,

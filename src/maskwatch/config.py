@@ -140,8 +140,13 @@ class DetectorConfig(_Section):
                     "train-detector); average precision needs the low-score tail. Chosen on the val photos.")
     class_fusion: float = Field(
         0.5, ge=0.0, le=1.0,
-        description="backend 'centernet': weight of its own class probabilities against the classifier's "
-                    "(chosen on the val photos; YuNet gives none).")
+        description="backend 'centernet': weight of its own class probabilities against the classifier's in "
+                    "their weighted geometric mean (chosen on the val photos; YuNet gives none).")
+    trained_face_score_power: float = Field(
+        0.5, gt=0.0, le=4.0,
+        description="backend 'centernet': in detection mAP a found face scores face score ** power x class "
+                    "probability for each class; its heat-map peaks are low on small faces (chosen on the val "
+                    "photos; YuNet's faces use 1).")
 
 
 class DetectorTrainConfig(_Section):

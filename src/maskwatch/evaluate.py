@@ -340,10 +340,11 @@ def detection_confusion(photos: list[PhotoDetections], num_classes: int, min_fac
 
 def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAMES, iou_threshold: float = 0.5,
                        progress: bool = True, operating_face_score: float = 0.0, bootstrap_samples: int = 0,
-                       confidence_level: float = 0.95) -> dict:
+                       confidence_level: float = 0.95, face_score_power: float = 1.0) -> dict:
     """Run detector + classifier on every photo of `faces` (ground-truth boxes) and score it with pycocotools.
 
-    Each found face is scored once per class (face score x class probability), as multi-class detectors are.
+    Each found face is scored once per class (face score ** face_score_power x class probability), as
+    multi-class detectors are.
     Beside mAP: class-agnostic face AP and the mAP these boxes would get with true classes (where mAP is lost:
     finding faces or classifying them), and a confusion table of the faces reported at operating_face_score
     (what serving shows; AP itself uses every face the detector gave). With bootstrap_samples, an interval for
@@ -370,18 +371,20 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
             bucket = next(name for name, low, high in SIZE_BUCKETS if low <= size < high)
             matched_by_size[bucket][1] += 1
             matched_by_size[bucket][0] += int((_iou(box, found) >= iou_threshold).any())
-        scores = np.array([[d.face_score * d.probabilities[name] for name in class_names] for d in detections],
-                          dtype=float).reshape(-1, len(class_names))
         scored.append(PhotoDetections(image.shape[1], image.shape[0], truth_boxes,
-                                      truth["label"].map(class_names.index).to_numpy(), found, scores))
+                                      truth["label"].map(class_names.index).to_numpy(), found,
+                                      class_scores(detections, class_names, face_score_power)))
     per_class_ap = average_precision_50(scored, class_names, iou_threshold)
     true_class_ap = average_precision_50(with_true_classes(scored, iou_threshold), class_names, iou_threshold)
-    confusion = detection_confusion(scored, len(class_names), operating_face_score, iou_threshold)
+    # A face's scores sum to face score ** power, which orders faces as the face score does.
+    confusion = detection_confusion(scored, len(class_names), operating_face_score ** face_score_power,
+                                    iou_threshold)
     recall_by_size = {name: (hit / total if total else None) for name, (hit, total) in matched_by_size.items()}
     hits = sum(h for h, _ in matched_by_size.values())
     total = sum(t for _, t in matched_by_size.values())
     return {
         "photos": len(photos), "faces": total, "iou_threshold": iou_threshold,
+        "face_score_power": face_score_power,
         "ap50_per_class": per_class_ap, "map50": float(np.mean(list(per_class_ap.values()))),
         "face_ap50": face_average_precision_50(scored, iou_threshold),
         "ap50_per_class_true_classes": true_class_ap,
@@ -395,6 +398,13 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
         "interval": (bootstrap_map_interval(scored, class_names, bootstrap_samples, confidence_level, iou_threshold)
                      if bootstrap_samples and scored else None),
     }
+
+
+def class_scores(detections, class_names, face_score_power: float = 1.0) -> np.ndarray:
+    """Found faces x classes: face score ** face_score_power x class probability. The power ranks faces the
+    detector is less sure of (small ones) against the classes' probabilities; at 1 it is the usual product."""
+    return np.array([[d.face_score ** face_score_power * d.probabilities[name] for name in class_names]
+                     for d in detections], dtype=float).reshape(-1, len(class_names))
 
 
 def fit_box_adjustment(face_detector, faces: pd.DataFrame, min_iou: float = 0.3,

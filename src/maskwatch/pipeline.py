@@ -176,7 +176,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     """Train the face detector on the training photos (or take one trained elsewhere, e.g. on a GPU machine),
     export it to ONNX, and score detection on the test photos, alone and with the classifier; one MLflow run."""
     from maskwatch.data import split_faces
-    from maskwatch.detect import MaskDetector, Predictor, create_face_detector, for_evaluation, reported_face_score
+    from maskwatch.detect import (MaskDetector, Predictor, create_face_detector, for_evaluation,
+                                  ranking_face_score_power, reported_face_score)
     from maskwatch.evaluate import evaluate_detection
     from maskwatch.train_detector import DetectorHistory, export_onnx, photos_from_faces, train_face_detector
 
@@ -226,6 +227,7 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
             "backend": "centernet", "trained_model_path": onnx_file, "trained_input_side": input_side}))
         face_detector = create_face_detector(detector_config)
         scoring = {"operating_face_score": reported_face_score(detector_config),
+                   "face_score_power": ranking_face_score_power(detector_config),
                    "bootstrap_samples": settings.evaluate.detection_bootstrap_samples,
                    "confidence_level": settings.evaluate.confidence_level}
         alone = evaluate_detection(MaskDetector(None, face_detector), test_df, **scoring)

@@ -92,3 +92,20 @@ def test_best_epoch_follows_the_checkpoint_metric():
     assert best_epoch(history, "val_loss") == 2  # ties keep the first, as the checkpoint does
     assert best_epoch(history, "val_map50") == 4  # only measured epochs count
     assert best_epoch(DetectorHistory([{"val_loss": float("nan")}]), "val_loss") is None
+
+
+def test_class_fusion_is_a_weighted_geometric_mean():
+    from maskwatch.detect import fuse_class_probabilities
+
+    classifier = np.array([[0.6, 0.3, 0.1], [0.98, 0.01, 0.01]])
+    detector = np.array([[0.2, 0.7, 0.1], [0.0, 0.5, 0.5]])  # an exact zero, as int8 may give
+    np.testing.assert_allclose(fuse_class_probabilities(classifier, detector, 1.0), detector)
+    fused = fuse_class_probabilities(classifier, detector, 0.5)
+    expected = np.sqrt(classifier[0] * detector[0])
+    np.testing.assert_allclose(fused[0], expected / expected.sum(), rtol=1e-5)
+    np.testing.assert_allclose(fused.sum(axis=1), 1.0, rtol=1e-6)
+    # Where one opinion rules a class out, the fused probability of that class stays low.
+    assert fused[1].argmax() != 0 and np.isfinite(fused).all()
+    weighted = fuse_class_probabilities(classifier, detector, 0.25)
+    expected = classifier[0] ** 0.75 * detector[0] ** 0.25
+    np.testing.assert_allclose(weighted[0], expected / expected.sum(), rtol=1e-5)

@@ -164,3 +164,23 @@ def test_bootstrap_map_interval_resamples_whole_photos():
     low, high = spread["map50"]
     assert low < point < high
     assert spread == bootstrap_map_interval(photos, names, samples=200)
+
+
+def test_face_score_power_reorders_classes_hypotheses_but_not_faces():
+    """Per-class score = face score ** power x class probability. A small face the detector is unsure of
+    (face 0.09) but the classifier is sure is b outranks a sure face (0.81) that is only 0.2 b at power 0.5,
+    not at power 1; faces keep their order either way."""
+    from maskwatch.detect import Detection
+    from maskwatch.evaluate import average_precision_50, class_scores
+
+    names = ["a", "b"]
+    detections = [Detection((10, 10, 30, 30), "a", 0.8, {"a": 0.8, "b": 0.2}, 0.81),
+                  Detection((60, 10, 80, 30), "b", 0.9, {"a": 0.1, "b": 0.9}, 0.09)]
+    plain, tempered = class_scores(detections, names), class_scores(detections, names, face_score_power=0.5)
+    np.testing.assert_allclose(plain, [[0.648, 0.162], [0.009, 0.081]])
+    np.testing.assert_allclose(tempered, [[0.72, 0.18], [0.03, 0.27]])
+    assert (np.argsort(plain.sum(1)) == np.argsort(tempered.sum(1))).all()
+    # The second face is the b face: at power 0.5 it ranks first for b, and b's AP is perfect.
+    faces = [[10, 10, 30, 30], [60, 10, 80, 30]]
+    assert average_precision_50([_photo(faces, [0, 1], faces, tempered)], names)["b"] == pytest.approx(1.0)
+    assert average_precision_50([_photo(faces, [0, 1], faces, plain)], names)["b"] == pytest.approx(0.5, abs=0.01)

@@ -253,11 +253,12 @@ def test_train_detector_refuses_a_missing_trained_file(detector_job):
     assert out.returncode == 2 and "no trained detector at" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("fusion", [0.0, 1.0])
+@pytest.mark.parametrize("fusion", [0.0, 0.5, 1.0])
 def test_api_serves_the_trained_detector_and_fuses_its_classes(detector_job, tiny_bundle, data_dir, fusion):
     """detector.backend=centernet through the API: faces from the trained detector; class_fusion decides whose
-    class opinion the label follows (1.0: the detector's own, 0.0: the classifier's)."""
-    from maskwatch.detect import Predictor, create_face_detector
+    class opinion the label follows (1.0: the detector's own, 0.0: the classifier's, between: their weighted
+    geometric mean)."""
+    from maskwatch.detect import Predictor, create_face_detector, fuse_class_probabilities
     from maskwatch.preprocessing import extract_faces, read_image
     from maskwatch.serve import create_app
 
@@ -274,12 +275,13 @@ def test_api_serves_the_trained_detector_and_fuses_its_classes(detector_job, tin
     detections = response.get_json()["detections"]
     faces = create_face_detector(settings.detector, num_threads=1).detect(read_image(photo))
     assert [tuple(d["box"]) for d in detections] == [f.box for f in faces] and faces
-    if fusion == 1.0:
-        expected = [f.probabilities for f in faces]
-    else:
-        predictor = Predictor.from_path(tiny_bundle, settings.serve.runtime)
-        expected = predictor.predict_inputs(extract_faces(read_image(photo), [f.box for f in faces],
-                                                          predictor.crop_spec))
+    predictor = Predictor.from_path(tiny_bundle, settings.serve.runtime)
+    classified = predictor.predict_inputs(extract_faces(read_image(photo), [f.box for f in faces], predictor.crop_spec))
+    found = np.array([f.probabilities for f in faces])
+    expected = {0.0: classified, 1.0: found}.get(fusion)
+    if expected is None:
+        expected = fuse_class_probabilities(classified, found, fusion)
+        assert not np.allclose(expected, classified, atol=1e-3) and not np.allclose(expected, found, atol=1e-3)
     got = [[d["probabilities"][name] for name in ("with_mask", "without_mask", "mask_weared_incorrect")]
            for d in detections]
     np.testing.assert_allclose(got, expected, atol=1e-5)
