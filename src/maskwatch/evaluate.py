@@ -454,6 +454,8 @@ def format_detection_summary(metrics: dict) -> str:
     lines = [f"{metrics.get('split', 'test')} photos: {metrics['photos']}   faces: {metrics['faces']}   "
              f"mAP@{metrics['iou_threshold']}: {metrics['map50']:.3f}   face recall: {metrics['face_recall']:.3f}   "
              f"{metrics['ms_per_photo']:.1f} ms/photo"]
+    if metrics.get("face_score_power", 1.0) != 1.0:
+        lines.append(f"  each face scored per class as face score^{metrics['face_score_power']:g} x class probability")
     interval = metrics.get("interval")
     if interval:
         low, high = interval["map50"]

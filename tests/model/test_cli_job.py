@@ -100,13 +100,14 @@ def test_evaluate_detection_reports_where_map_is_lost_and_logs_it(trained, yunet
     counts = confusion["counts"]
     assert confusion["rows"][-1] == "no face" and confusion["columns"][-1] == "missed"
     assert confusion["operating_face_score"] == 0.5  # YuNet's own score threshold: what serving reports
+    assert metrics["face_score_power"] == 1.0  # YuNet's faces score face score x class probability
     assert sum(map(sum, counts[:-1])) == metrics["faces"]  # each annotated face once: found or missed
     assert sum(row[-1] for row in counts[:-1]) == round(metrics["faces"] * (1 - metrics["face_recall"]))
 
     text = subprocess.run([MASKWATCH, "evaluate", "--detection", *args], capture_output=True, text=True,
                           timeout=300, env=env, cwd=work)
     assert text.returncode == 0 and "where mAP is lost" in text.stdout and "no face" in text.stdout
-    assert "interval over resampled photos" in text.stdout
+    assert "interval over resampled photos" in text.stdout and "face score^" not in text.stdout
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("maskwatch").experiment_id],
                               "tags.mlflow.runName = 'evaluate-detection' and tags.split = 'test'")

@@ -190,6 +190,7 @@ def detector_job(tmp_path_factory, data_dir):
 def test_train_detector_trains_exports_scores_and_logs(detector_job):
     work, _, _, out = detector_job
     assert "face detector job finished" in out.stdout and "mAP@0.5" in out.stdout
+    assert "each face scored per class as face score^0.5 x class probability" in out.stdout  # its default power
     assert "detector epoch 2/2" in out.stdout + out.stderr
     # No classifier in this fresh store: detection is scored with the detector's own classes, and it says so.
     assert "not scored with a classifier" in out.stderr
@@ -222,6 +223,8 @@ def test_train_detector_trains_exports_scores_and_logs(detector_job):
                          "face_detector/train_config.json"}
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"detection_alone_metrics.json", "detection_alone_confusion.png", "detection_alone_confusion.txt"} <= logged
+    logged_metrics = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/detection_alone_metrics.json")
+    assert logged_metrics["face_score_power"] == 0.5
     assert 0.0 <= run.data.metrics["det_alone_face_ap50"] <= 1.0 and "det_alone_map50_true_classes" in run.data.metrics
 
 
