@@ -22,6 +22,22 @@ def test_video(data_dir, tmp_path_factory):
     return make_test_video(photos, tmp_path_factory.mktemp("video") / "faces.mp4", frames_per_photo=4)
 
 
+def test_sideways_phone_video_is_read_upright():
+    """Phones record sideways and store a display rotation in the container; frames must reach the detector
+    upright. assets/sideways_phone.mp4 (made by assets/make_sideways_video.py) is stored 64x96 and shown
+    96x64: red block top left, blue bottom right."""
+    reader = FrameReader(str(Path(__file__).parent / "assets" / "sideways_phone.mp4"))
+    frames = []
+    while (frame := reader.read()) is not None:
+        frames.append(frame)
+    reader.close()
+    assert len(frames) == 5
+    for frame in frames:
+        assert frame.shape == (64, 96, 3)
+        assert frame[14, 16, 2] > 200 and frame[14, 16, 0] < 60  # red (BGR) top left
+        assert frame[50, 80, 0] > 200 and frame[50, 80, 2] < 60  # blue bottom right
+
+
 def test_headless_run_writes_video_and_per_frame_json(mask_detector, test_video, tmp_path):
     summary = run_video(mask_detector, str(test_video), display=False, output=tmp_path / "out.mp4",
                         json_path=tmp_path / "frames.jsonl")
