@@ -7,9 +7,10 @@ display". Needs an ffmpeg with -display_rotation (6.0+), e.g. `pip install image
     python tests/realtime/assets/make_sideways_video.py
 """
 
-from pathlib import Path
+import argparse
 import subprocess
 import tempfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -24,7 +25,8 @@ def upright_frame() -> np.ndarray:
     return frame
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     import imageio_ffmpeg
 
     stored = np.ascontiguousarray(np.rot90(upright_frame(), k=-1))  # a quarter clockwise
