@@ -196,10 +196,9 @@ def evaluate(model: ModelOpt = None,
 def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, faces, split: str,
                         as_json: bool) -> None:
     from maskwatch import tracking
-    from maskwatch.detect import (DetectorModelError, MaskDetector, Predictor, create_face_detector, for_evaluation,
-                                  ranking_face_score_power, reported_face_score)
+    from maskwatch.detect import DetectorModelError, MaskDetector, Predictor, create_face_detector, for_evaluation
     from maskwatch.evaluate import evaluate_detection, format_detection_summary
-    from maskwatch.pipeline import log_detection_evaluation
+    from maskwatch.pipeline import detection_scoring, log_detection_evaluation
 
     try:
         mask_detector = MaskDetector(Predictor.from_path(bundle, settings.serve.runtime),
@@ -207,11 +206,7 @@ def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, fa
                                      settings.detector.class_fusion)
     except DetectorModelError as error:
         _fail(str(error))
-    metrics = evaluate_detection(mask_detector, faces,
-                                 operating_face_score=reported_face_score(settings.detector),
-                                 face_score_power=ranking_face_score_power(settings.detector),
-                                 bootstrap_samples=settings.evaluate.detection_bootstrap_samples,
-                                 confidence_level=settings.evaluate.confidence_level)
+    metrics = evaluate_detection(mask_detector, faces, **detection_scoring(settings, settings.detector))
     metrics.update(model=uri, split=split, data_hash=prepared.data_hash,
                    detector=settings.detector.model_dump(mode="json"))
     try:  # logged to MLflow beside the classification metrics, as its own run

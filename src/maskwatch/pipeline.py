@@ -19,7 +19,7 @@ import pandas as pd
 
 from maskwatch import tracking
 from maskwatch.bundle import ModelMetadata, read_metadata, save_bundle, write_metadata
-from maskwatch.config import CLASS_NAMES, DetectorTrainConfig, Settings
+from maskwatch.config import CLASS_NAMES, DetectorConfig, DetectorTrainConfig, Settings
 from maskwatch.data import PreparedData, class_counts_table, crops_with_spec, label_indices, prepare_data
 from maskwatch.export import export_model
 from maskwatch.evaluate import (EvaluationResult, detection_metric_values, evaluate_model, format_confusion,
@@ -176,8 +176,7 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     """Train the face detector on the training photos (or take one trained elsewhere, e.g. on a GPU machine),
     export it to ONNX, and score detection on the test photos, alone and with the classifier; one MLflow run."""
     from maskwatch.data import split_faces
-    from maskwatch.detect import (MaskDetector, Predictor, create_face_detector, for_evaluation,
-                                  ranking_face_score_power, reported_face_score)
+    from maskwatch.detect import MaskDetector, Predictor, create_face_detector, for_evaluation
     from maskwatch.evaluate import evaluate_detection
     from maskwatch.train_detector import DetectorHistory, export_onnx, photos_from_faces, train_face_detector
 
@@ -226,10 +225,7 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
         detector_config = for_evaluation(settings.detector.model_copy(update={
             "backend": "centernet", "trained_model_path": onnx_file, "trained_input_side": input_side}))
         face_detector = create_face_detector(detector_config)
-        scoring = {"operating_face_score": reported_face_score(detector_config),
-                   "face_score_power": ranking_face_score_power(detector_config),
-                   "bootstrap_samples": settings.evaluate.detection_bootstrap_samples,
-                   "confidence_level": settings.evaluate.confidence_level}
+        scoring = detection_scoring(settings, detector_config)
         alone = evaluate_detection(MaskDetector(None, face_detector), test_df, **scoring)
         log_detection_evaluation(alone, prefix="det_alone_", name="detection_alone")
         with_classifier = None
@@ -260,6 +256,17 @@ def _trained_elsewhere_record(trained: Path | None) -> tuple[dict | None, Detect
         from maskwatch.detect import DetectorModelError
 
         raise DetectorModelError(f"{path} is not a train_config.json that maskwatch wrote: {error}") from error
+
+
+def detection_scoring(settings: Settings, detector_config: DetectorConfig) -> dict:
+    """evaluate_detection's scoring arguments for one detector: the face score serving reports from (the
+    confusion table's operating point), the face score's power in the per-class scores, and the interval."""
+    from maskwatch.detect import ranking_face_score_power, reported_face_score
+
+    return {"operating_face_score": reported_face_score(detector_config),
+            "face_score_power": ranking_face_score_power(detector_config),
+            "bootstrap_samples": settings.evaluate.detection_bootstrap_samples,
+            "confidence_level": settings.evaluate.confidence_level}
 
 
 def log_detection_evaluation(metrics: dict, prefix: str = "det_", name: str = "detection") -> None:
