@@ -130,6 +130,20 @@ def cli_env(work: Path, data_dir: Path) -> dict:
     return env
 
 
+def phone_jpeg(pixels) -> bytes:
+    """A PIL image as a phone stores a photo taken sideways: the pixels as they are, in a JPEG tagged with EXIF
+    orientation 6 ("rotate 90 degrees clockwise to display")."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    pixels.convert("RGB").save(buffer, "JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
 def free_port() -> int:
     import socket
 

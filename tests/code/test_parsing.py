@@ -2,6 +2,8 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import phone_jpeg
+from PIL import Image
 
 from maskwatch.data import DataError, UnknownLabelError, parse_voc_annotation, scan_dataset, write_crops
 from maskwatch.preprocessing import CropSpec, extract_face, read_image
@@ -90,19 +92,10 @@ def test_folder_per_class_layout(tmp_path, data_dir):
         scan_dataset(tmp_path)
 
 
-def _save_sideways_phone_photo(source, target):
-    """The photo as a phone stores it: pixels as they are, tagged "rotate 90 degrees clockwise to display"."""
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.open(source).save(target, "JPEG", quality=95, exif=exif)
-
-
 def test_folder_layout_crops_a_sideways_phone_photo_whole(tmp_path, data_dir):
     (tmp_path / "with_mask").mkdir()
     photo = tmp_path / "with_mask" / "selfie.jpg"
-    _save_sideways_phone_photo(data_dir / "images" / "maksssksksss1.jpg", photo)
+    photo.write_bytes(phone_jpeg(Image.open(data_dir / "images" / "maksssksksss1.jpg")))
     scan = scan_dataset(tmp_path)
     upright = read_image(photo)
     face = scan.faces.iloc[0]
@@ -120,7 +113,7 @@ def test_photo_that_does_not_match_its_annotated_size_is_reported_and_left_out(t
         "wrong": (voc("wrong", [("with_mask", (10, 10, 50, 50))], w=640, h=480), True),
         "sideways": (voc("sideways", [("with_mask", (10, 10, 50, 50)), ("without_mask", (60, 10, 90, 50))]), False),
     })
-    _save_sideways_phone_photo(data_dir / "images" / "maksssksksss0.jpg", root / "images" / "sideways.jpg")
+    (root / "images" / "sideways.jpg").write_bytes(phone_jpeg(Image.open(data_dir / "images" / "maksssksksss0.jpg")))
     scan = scan_dataset(root)
     assert scan.issue_counts() == {} and len(scan.faces) == 4
     issues = []

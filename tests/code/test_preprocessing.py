@@ -3,6 +3,7 @@ import io
 import cv2
 import numpy as np
 import pytest
+from conftest import phone_jpeg
 from PIL import Image
 
 from maskwatch.preprocessing import (CropSpec, ImageDecodeError, PixelLimitError, crop_box, decode_image,
@@ -52,9 +53,7 @@ def test_decode_turns_a_phone_photo_upright_by_its_exif_orientation(data_dir):
     """Phones store photos sideways with an EXIF orientation tag; the face detector needs them upright."""
     photo = Image.open(data_dir / "images" / "maksssksksss10.jpg").convert("RGB")
     stored_as_is = decode_image(_encoded(photo, "JPEG", quality=95))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    upright = decode_image(_encoded(photo, "JPEG", quality=95, exif=exif))
+    upright = decode_image(phone_jpeg(photo))
     assert upright.shape == (photo.width, photo.height, 3)
     np.testing.assert_array_equal(upright, np.rot90(stored_as_is, k=-1))
 

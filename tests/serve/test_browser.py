@@ -31,14 +31,12 @@ def test_upload_shows_labelled_boxes(browser, gunicorn_server, data_dir, tmp_pat
 def test_sideways_phone_photo_is_drawn_upright_like_the_server_sees_it(browser, gunicorn_server, data_dir, tmp_path):
     """A phone photo stored sideways with an EXIF orientation tag: the server detects on the upright picture,
     so the page must draw that same upright picture under the boxes."""
+    from conftest import phone_jpeg
     from PIL import Image
 
     photo = Image.open(data_dir / "images" / "maksssksksss0.jpg").convert("RGB")
-    sideways = photo.transpose(Image.Transpose.ROTATE_90)  # stored turned a quarter anticlockwise ...
-    exif = Image.Exif()
-    exif[0x0112] = 6  # ... and tagged "rotate 90 degrees clockwise to display"
-    upload = tmp_path / "phone.jpg"
-    sideways.save(upload, "JPEG", quality=95, exif=exif)
+    upload = tmp_path / "phone.jpg"  # stored turned a quarter anticlockwise, tagged to be turned back
+    upload.write_bytes(phone_jpeg(photo.transpose(Image.Transpose.ROTATE_90)))
     page = browser.new_page(viewport={"width": 1200, "height": 800})
     page.goto(gunicorn_server + "/")
     with page.expect_response(lambda response: "/v1/predict" in response.url) as answer:
