@@ -17,6 +17,7 @@ $py benchmarks/int8_fidelity.py 2>benchmarks/results/int8_fidelity.log | tee ben
 if [ -n "${MASKWATCH_DETECTOR_PATH:-}" ]; then
   $py benchmarks/detectors.py --sides 800 960 2>benchmarks/results/detectors.log | tee benchmarks/results/detectors.txt
   $py benchmarks/detector_validation.py --run "$(dirname "$MASKWATCH_DETECTOR_PATH")" 2>benchmarks/results/detector_validation.log | tee benchmarks/results/detector_validation.txt
+  $py benchmarks/detector_class_head.py 2>benchmarks/results/detector_class_head.log | tee benchmarks/results/detector_class_head.txt
   $py benchmarks/test_time_augmentation.py 2>benchmarks/results/test_time_augmentation.log | tee benchmarks/results/test_time_augmentation.txt
   $py benchmarks/detectors.py --timing-only 2>>benchmarks/results/detectors.log | tee -a benchmarks/results/detectors.txt
 fi
