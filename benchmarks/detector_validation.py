@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 from maskwatch.config import load_settings
 from maskwatch.data import split_faces
-from maskwatch.train_detector import photos_from_faces, validation_map
+from maskwatch.train_detector import ValidationScoring, photos_from_faces, validation_map
 settings = load_settings()
 val = photos_from_faces(split_faces(settings)[1], progress=False)
 model = keras.models.load_model(Path(sys.argv[1]) / "face_detector.keras", compile=False)
@@ -30,7 +30,8 @@ side, batch = int(sys.argv[2]), int(sys.argv[3])
 seconds = []
 for _ in range(2):  # the first pass includes TensorFlow's warm-up
     started = time.perf_counter()
-    value = validation_map(model, val, side, settings.detector.trained_eval_score_threshold, batch)
+    value = validation_map(model, val, side, ValidationScoring(settings.detector.trained_eval_score_threshold,
+                                                               settings.detector.trained_face_score_power), batch)
     seconds.append(time.perf_counter() - started)
 print(json.dumps({"photos": len(val), "val_map50": value, "first_s": seconds[0], "second_s": seconds[1],
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
@@ -68,7 +69,7 @@ def serving_row(run: Path, side: int) -> dict:
 
     from maskwatch.config import load_settings
     from maskwatch.data import split_faces
-    from maskwatch.detect import MaskDetector, create_face_detector, for_evaluation
+    from maskwatch.detect import MaskDetector, create_face_detector, for_evaluation, ranking_face_score_power
     from maskwatch.evaluate import evaluate_detection
 
     settings = load_settings()
@@ -76,7 +77,8 @@ def serving_row(run: Path, side: int) -> dict:
     config = for_evaluation(settings.detector.model_copy(update={
         "backend": "centernet", "trained_model_path": run / "face_detector.onnx", "trained_input_side": side}))
     started = time.perf_counter()
-    metrics = evaluate_detection(MaskDetector(None, create_face_detector(config)), val_df, progress=False)
+    metrics = evaluate_detection(MaskDetector(None, create_face_detector(config)), val_df, progress=False,
+                                 face_score_power=ranking_face_score_power(config))
     return {"path": "serving (ONNX)", "photos": metrics["photos"], "val_map50": metrics["map50"],
             "first_s": time.perf_counter() - started}
 

@@ -400,11 +400,19 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
     }
 
 
-def class_scores(detections, class_names, face_score_power: float = 1.0) -> np.ndarray:
+def face_class_scores(face_scores, probabilities, face_score_power: float = 1.0) -> np.ndarray:
     """Found faces x classes: face score ** face_score_power x class probability. The power ranks faces the
-    detector is less sure of (small ones) against the classes' probabilities; at 1 it is the usual product."""
-    return np.array([[d.face_score ** face_score_power * d.probabilities[name] for name in class_names]
-                     for d in detections], dtype=float).reshape(-1, len(class_names))
+    detector is less sure of (small ones) against the classes' probabilities; at 1 it is the usual product.
+    Detection mAP and the detector's checkpoint metric (train_detector.validation_map) both rank by it."""
+    probabilities = np.asarray(probabilities, dtype=float)
+    return np.asarray(face_scores, dtype=float).reshape(-1, 1) ** face_score_power * probabilities
+
+
+def class_scores(detections, class_names, face_score_power: float = 1.0) -> np.ndarray:
+    """face_class_scores of Detection objects, columns in class_names order."""
+    probabilities = np.array([[d.probabilities[name] for name in class_names] for d in detections], dtype=float)
+    return face_class_scores([d.face_score for d in detections], probabilities.reshape(-1, len(class_names)),
+                             face_score_power)
 
 
 def fit_box_adjustment(face_detector, faces: pd.DataFrame, min_iou: float = 0.3,

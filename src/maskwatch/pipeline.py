@@ -178,7 +178,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     from maskwatch.data import split_faces
     from maskwatch.detect import MaskDetector, Predictor, create_face_detector, for_evaluation
     from maskwatch.evaluate import evaluate_detection
-    from maskwatch.train_detector import DetectorHistory, export_onnx, photos_from_faces, train_face_detector
+    from maskwatch.train_detector import (DetectorHistory, ValidationScoring, export_onnx, photos_from_faces,
+                                          train_face_detector)
 
     started = time.perf_counter()
     tracking.configure(settings)
@@ -210,7 +211,9 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
             history, _ = train_face_detector(photos_from_faces(train_df), photos_from_faces(val_df), model_file,
                                              settings.detector_train,
                                              extra_callbacks=tracking.epoch_logger_factory()("detector", 0),
-                                             val_score_threshold=settings.detector.trained_eval_score_threshold)
+                                             val_scoring=ValidationScoring(
+                                                 settings.detector.trained_eval_score_threshold,
+                                                 settings.detector.trained_face_score_power))
             _log_detector_history(history, model_dir)
             train_record = json.loads((model_dir / TRAIN_RECORD).read_text())  # train_face_detector wrote it
         if train_record:

@@ -310,7 +310,7 @@ def learning_rate_at(progress: float, epoch: int, config: DetectorTrainConfig) -
 
 
 def _callbacks(config: DetectorTrainConfig, model_path: Path, history: DetectorHistory, extra: list,
-               val: DetectionPhotos, val_score_threshold: float):
+               val: DetectionPhotos, val_scoring: ValidationScoring):
     import keras
 
     class Schedule(keras.callbacks.Callback):
@@ -351,19 +351,28 @@ def _callbacks(config: DetectorTrainConfig, model_path: Path, history: DetectorH
         checkpoint = keras.callbacks.ModelCheckpoint(str(best_weights_path(model_path)), monitor="val_loss",
                                                      mode="min", save_best_only=True, save_weights_only=True)
     else:
-        checkpoint = validation_map_callback(val, config, best_weights_path(model_path), history,
-                                             val_score_threshold)
+        checkpoint = validation_map_callback(val, config, best_weights_path(model_path), history, val_scoring)
     return [Schedule(), checkpoint, *extra]  # in this order: the mAP joins the epoch's record before MLflow's
 
 
-def validation_map(model, photos: DetectionPhotos, side: int, score_threshold: float, batch_size: int,
+@dataclass(frozen=True)
+class ValidationScoring:
+    """How val mAP ranks the detector's faces, as detection mAP does: peaks from `score_threshold`
+    (detector.trained_eval_score_threshold), each class scored face score ** `face_score_power` x class
+    probability (detector.trained_face_score_power)."""
+
+    score_threshold: float = 0.05
+    face_score_power: float = 1.0
+
+
+def validation_map(model, photos: DetectionPhotos, side: int, scoring: ValidationScoring, batch_size: int,
                    class_names=CLASS_NAMES) -> float:
-    """The detector alone on the val photos, as serving runs it: letterboxed to `side`, peaks from
-    `score_threshold`, each face one hypothesis per class (face score x its class probability); mAP@0.5."""
+    """The detector alone on the val photos, as serving runs it: letterboxed to `side`, peaks and per-class
+    scores as `scoring` says (evaluate.face_class_scores, one hypothesis per face and class); mAP@0.5."""
     import keras
 
     from maskwatch.centernet import decode
-    from maskwatch.evaluate import PhotoDetections, average_precision_50
+    from maskwatch.evaluate import PhotoDetections, average_precision_50, face_class_scores
 
     scored = []
     for start in range(0, len(photos), batch_size):
@@ -372,15 +381,15 @@ def validation_map(model, photos: DetectionPhotos, side: int, score_threshold: f
         heads = keras.ops.convert_to_numpy(model(canvases.astype(np.float32), training=False))
         for i, out in zip(chunk, heads):
             height, width = photos.images[i].shape[:2]
-            boxes, scores, probabilities = decode(out, side / max(height, width), score_threshold)
+            boxes, scores, probabilities = decode(out, side / max(height, width), scoring.score_threshold)
             boxes = np.clip(boxes, 0, [width, height, width, height])
             scored.append(PhotoDetections(width, height, photos.boxes[i], photos.labels[i], boxes,
-                                          scores[:, None] * probabilities))
+                                          face_class_scores(scores, probabilities, scoring.face_score_power)))
     return float(np.mean(list(average_precision_50(scored, class_names).values())))
 
 
 def validation_map_callback(val: DetectionPhotos, config: DetectorTrainConfig, weights_file: Path,
-                            history: DetectorHistory, score_threshold: float):
+                            history: DetectorHistory, scoring: ValidationScoring):
     """Every config.val_map_every epochs and at the last: val mAP@0.5 into the epoch's logs and record, and the
     weights saved when it is the best so far."""
     import keras
@@ -392,7 +401,7 @@ def validation_map_callback(val: DetectionPhotos, config: DetectorTrainConfig, w
             last = epoch + 1 == config.epochs or self.model.stop_training  # a time budget ends it early
             if (epoch + 1) % config.val_map_every and not last:
                 return
-            value = validation_map(self.model, val, config.input_side, score_threshold,
+            value = validation_map(self.model, val, config.input_side, scoring,
                                    min(config.batch_size, VAL_MAP_BATCH))
             if logs is not None:
                 logs["val_map50"] = value
@@ -421,7 +430,7 @@ def save_inference_model(weights_file: Path, model_path: Path):
 
 def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path: Path,
                         config: DetectorTrainConfig, weights: str | None = "imagenet",
-                        extra_callbacks: list = (), val_score_threshold: float = 0.05
+                        extra_callbacks: list = (), val_scoring: ValidationScoring = ValidationScoring()
                         ) -> tuple[DetectorHistory, object]:
     """Fit the detector; model_path gets the best epoch by config.checkpoint_metric (weights beside it as .h5),
     and train_config.json beside it says how it was trained (maskwatch train-detector --trained reads it)."""
@@ -442,11 +451,11 @@ def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path
     model.fit(batch_sampler(train, config, training=True, seed=config.seed),
               validation_data=batch_sampler(val, config, training=False, seed=config.seed),
               epochs=config.epochs, verbose=0,
-              callbacks=_callbacks(config, model_path, history, list(extra_callbacks), val, val_score_threshold))
+              callbacks=_callbacks(config, model_path, history, list(extra_callbacks), val, val_scoring))
     best = best_weights_path(model_path)
     if not best.is_file():  # no epoch finished with a finite validation loss
         model.save_weights(best)
-    write_train_record(model_path, config, history, train, val)
+    write_train_record(model_path, config, history, train, val, val_scoring)
     return history, save_inference_model(best, model_path)
 
 
@@ -464,10 +473,12 @@ def best_epoch(history: DetectorHistory, metric: str) -> int | None:
 
 
 def write_train_record(model_path: Path, config: DetectorTrainConfig, history: DetectorHistory,
-                       train: DetectionPhotos, val: DetectionPhotos) -> Path:
+                       train: DetectionPhotos, val: DetectionPhotos,
+                       val_scoring: ValidationScoring = ValidationScoring()) -> Path:
     """train_config.json beside the model: the settings, backend and photos it was trained with, and the epoch
-    kept, so a model carried to another machine still says how it was made."""
+    kept (with how val mAP scored it), so a model carried to another machine still says how it was made."""
     import json
+    from dataclasses import asdict
 
     import keras
 
@@ -475,7 +486,7 @@ def write_train_record(model_path: Path, config: DetectorTrainConfig, history: D
               "keras_version": keras.__version__, "photos_train": len(train), "photos_val": len(val),
               "faces_train": train.face_count, "epochs_run": len(history.epochs),
               "stopped_by_budget": history.stopped_by_budget,
-              "best_epoch": best_epoch(history, config.checkpoint_metric)}
+              "best_epoch": best_epoch(history, config.checkpoint_metric), "val_scoring": asdict(val_scoring)}
     path = Path(model_path).parent / TRAIN_RECORD
     path.write_text(json.dumps(record, indent=2))
     return path

@@ -105,16 +105,23 @@ def photos_of_every_class(data_dir):
     return photos_from_faces(train[train.photo_id.isin(picks)], progress=False)
 
 
-def _replayed_heads(photos, side: int, scramble_classes: bool = False):
+def _replayed_heads(photos, side: int, scramble_classes: bool = False, true_class_share: float = 1.0,
+                    face_scales=None):
     """A stand-in network that outputs the encoded targets of each val photo in turn (a perfect detector), or
-    with the class maps rotated (it finds every face and names every one wrongly)."""
+    with the class maps rotated (it finds every face and names every one wrongly). `true_class_share` < 1
+    mixes the rotated maps in (each face: its class at that share, the next class at the rest);
+    `face_scales` scales each photo's face map (how sure the detector is of that photo's faces)."""
     heads = []
-    for image, boxes, labels in zip(photos.images, photos.boxes, photos.labels):
+    for i, (image, boxes, labels) in enumerate(zip(photos.images, photos.boxes, photos.labels)):
         _, scaled = letterboxed_sample(image, boxes, side)
         target = encode_targets(scaled, labels, side // centernet.STRIDE, side // centernet.STRIDE)
         head = target[..., :centernet.OUTPUT_CHANNELS].copy()
-        if scramble_classes:
-            head[..., centernet.CLASS_CHANNELS] = np.roll(head[..., centernet.CLASS_CHANNELS], 1, axis=-1)
+        true_maps = head[..., centernet.CLASS_CHANNELS]
+        rotated = np.roll(true_maps, 1, axis=-1)
+        head[..., centernet.CLASS_CHANNELS] = rotated if scramble_classes else (
+            true_class_share * true_maps + (1 - true_class_share) * rotated)
+        if face_scales is not None:
+            head[..., centernet.FACE_CHANNEL] *= face_scales[i]
         heads.append(head)
     batches = iter(heads)
 
@@ -125,14 +132,34 @@ def _replayed_heads(photos, side: int, scramble_classes: bool = False):
 
 
 def test_validation_map_scores_what_the_network_outputs(photos_of_every_class):
-    from maskwatch.train_detector import validation_map
+    from maskwatch.train_detector import ValidationScoring, validation_map
 
     photos = photos_of_every_class
     assert {int(c) for labels in photos.labels for c in labels} == {0, 1, 2}
-    perfect = validation_map(_replayed_heads(photos, 640), photos, 640, 0.05, batch_size=3)
-    wrong = validation_map(_replayed_heads(photos, 640, scramble_classes=True), photos, 640, 0.05, batch_size=3)
+    scoring = ValidationScoring(score_threshold=0.05)
+    perfect = validation_map(_replayed_heads(photos, 640), photos, 640, scoring, batch_size=3)
+    wrong = validation_map(_replayed_heads(photos, 640, scramble_classes=True), photos, 640, scoring, batch_size=3)
     assert perfect > 0.9, perfect  # faces sharing a stride-4 cell are the only ones a perfect map can lose
     assert wrong < 0.5, wrong  # every true class is still there, ranked below all the wrong ones
+
+
+def test_validation_map_ranks_faces_by_the_face_score_power(photos_of_every_class):
+    """Right class at 0.6, the next at 0.4, and face scores of 1 or 0.5 by photo. As face score x probability,
+    a wrong class on a sure face (1 x 0.4) outranks the right class on an unsure one (0.5 x 0.6 = 0.3); with the
+    square root that serving's detection mAP uses (detector.trained_face_score_power), 0.71 x 0.6 = 0.42 comes
+    first. The checkpoint metric must rank as detection mAP does."""
+    from maskwatch.train_detector import ValidationScoring, validation_map
+
+    photos = photos_of_every_class
+    scales = [1.0 if i % 2 else 0.5 for i in range(len(photos))]
+
+    def val_map(power: float) -> float:
+        heads = _replayed_heads(photos, 640, true_class_share=0.6, face_scales=scales)
+        return validation_map(heads, photos, 640, ValidationScoring(0.05, power), batch_size=3)
+
+    at_product, at_square_root = val_map(1.0), val_map(0.5)
+    assert at_square_root > 0.9, at_square_root  # every right class above every wrong one again
+    assert at_product < at_square_root - 0.05, (at_product, at_square_root)
 
 
 def test_training_batches_are_reproducible_from_the_seed(two_photos):
@@ -207,6 +234,8 @@ def test_train_detector_trains_exports_scores_and_logs(detector_job):
     record = json.loads((run_dir / "train_config.json").read_text())
     assert record["best_epoch"] == 2 and record["epochs_run"] == 2 and record["photos_train"] >= 1
     assert record["detector_train"]["input_side"] == 192 and record["backend"] == "tensorflow"
+    # The epoch kept was chosen on val mAP ranked as detection mAP ranks (detector.trained_* settings).
+    assert record["val_scoring"] == {"score_threshold": 0.05, "face_score_power": 0.5}
 
     import mlflow
 
