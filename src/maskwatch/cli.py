@@ -222,38 +222,70 @@ def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, fa
 
 
 @app.command()
-def predict(images: Annotated[list[Path], typer.Argument(help="Photos to analyse.")],
+def predict(images: Annotated[list[Path], typer.Argument(
+                help="Photos to analyse, or folders: every photo in them and their subfolders.")],
             model: ModelOpt = None,
             as_json: Annotated[bool, typer.Option("--json", help="Print detections as JSON.")] = False,
             output: Annotated[Optional[Path], typer.Option(
-                help="Write annotated images: a file (one input) or a folder.")] = None,
+                help="Write annotated images: a file (one input) or a folder (a folder's photos keep their "
+                     "subfolders).")] = None,
             runtime: RuntimeOpt = None,
             config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
-    """Find faces in photos and classify each: boxes, labels, scores."""
+    """Find faces in photos and classify each: boxes, labels, scores, and the faces counted by label."""
+    from collections import Counter
+
+    from tqdm.auto import tqdm
+
     from maskwatch.detect import draw_detections
     from maskwatch.preprocessing import ImageDecodeError, read_image
 
+    photos = _photos_to_predict(images)
     mask_detector = _mask_detector(_settings(config, "full", set_, tracking_uri=tracking_uri), model, runtime)
-    report, failed = {}, 0
-    for path in images:
+    report, labels, failed = {}, Counter(), 0
+    # A bar on a terminal only: in a log its redraws would interleave with the per-photo lines.
+    progress = tqdm(photos, desc="photos", unit="photo", disable=len(photos) < 2 or not sys.stderr.isatty())
+    for path, name in progress:
         try:
             image = read_image(path)
         except ImageDecodeError as error:
-            typer.secho(f"error: {error}", fg="red", err=True)
+            with tqdm.external_write_mode(file=sys.stderr):  # above the progress bar, coloured on a terminal
+                typer.secho(f"error: {error}", fg="red", err=True)
             failed += 1
             continue
         detections = mask_detector.detect(image)
         report[str(path)] = [d.to_dict() for d in detections]
+        labels.update(d.label for d in detections)
         if output is not None:
-            _write_annotated(draw_detections(image, detections), path, output, len(images))
+            _write_annotated(draw_detections(image, detections), name, output, len(photos))
         if not as_json:
-            typer.echo(f"{path}: {len(detections)} face(s)")
+            progress.write(f"{path}: {len(detections)} face(s)")
             for d in detections:
-                typer.echo(f"  {d.label:<22} {d.score:.3f}  box={list(d.box)}  face={d.face_score:.2f}")
+                progress.write(f"  {d.label:<22} {d.score:.3f}  box={list(d.box)}  face={d.face_score:.2f}")
     if as_json:
         typer.echo(json.dumps(report, indent=2))
+    elif len(photos) > 1:
+        counts = ", ".join(f"{label} {labels[label]}" for label in mask_detector.class_names)
+        typer.echo(f"{len(report)} photo(s), {sum(labels.values())} face(s): {counts}"
+                   + (f"; {failed} unreadable" if failed else ""))
     if failed:
         raise typer.Exit(1)
+
+
+def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(photo, the name of its annotated copy) for each input: a file as given, and a folder's photos named by
+    their path inside it, so that photos of the same name in different subfolders do not overwrite each other."""
+    from maskwatch.preprocessing import IMAGE_SUFFIXES, images_in
+
+    photos = []
+    for path in paths:
+        if not path.is_dir():
+            photos.append((path, Path(path.name)))
+            continue
+        found = images_in(path)
+        if not found:
+            _fail(f"{path}: no photos in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+        photos += [(photo, photo.relative_to(path)) for photo in found]
+    return photos
 
 
 def _mask_detector(settings: Settings, model: str | None, runtime: Runtime | None):
@@ -270,10 +302,10 @@ def _mask_detector(settings: Settings, model: str | None, runtime: Runtime | Non
         _fail(f"cannot load model: {error}")
 
 
-def _write_annotated(image, source: Path, output: Path, count: int) -> None:
+def _write_annotated(image, name: Path, output: Path, count: int) -> None:
     import cv2
 
-    target = output / f"{source.stem}_annotated.jpg" if (count > 1 or output.is_dir()) else output
+    target = output / name.parent / f"{name.stem}_annotated.jpg" if (count > 1 or output.is_dir()) else output
     target.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(target), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
 

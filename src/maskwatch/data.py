@@ -22,11 +22,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from maskwatch.config import CLASS_NAMES, AugmentConfig, DataConfig, Settings
-from maskwatch.preprocessing import CropSpec, ImageDecodeError, extract_face, read_image
+from maskwatch.preprocessing import IMAGE_SUFFIXES, CropSpec, ImageDecodeError, extract_face, read_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FACE_COLUMNS = ["photo_id", "image_path", "label", "xmin", "ymin", "xmax", "ymax", "photo_width", "photo_height"]
 SPLITS = ("train", "val", "test")
 # Rarest class first: a photo is stratified by the rarest class it holds.

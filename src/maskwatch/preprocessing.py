@@ -16,6 +16,9 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# Files taken as photos when a folder is read (data set folders, `maskwatch predict <folder>`).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
 INTERPOLATIONS = {
     "area": cv2.INTER_AREA,
     "linear": cv2.INTER_LINEAR,
@@ -85,6 +88,15 @@ def read_image(path: str | Path) -> np.ndarray:
         return decode_image(data)
     except ImageDecodeError as err:
         raise ImageDecodeError(f"{path}: {err}") from err
+
+
+def images_in(folder: str | Path) -> list[Path]:
+    """The photos under a folder, its subfolders included, in sorted order; hidden files and other suffixes are
+    skipped."""
+    folder = Path(folder)
+    return sorted(path for path in folder.rglob("*")
+                  if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
 def crop_box(

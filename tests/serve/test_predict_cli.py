@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,43 @@ def test_predict_reports_unreadable_files(tiny_bundle, yunet_path, tmp_path):
     out = subprocess.run([MASKWATCH, "predict", str(bad), "--model", str(tiny_bundle)], capture_output=True,
                          text=True, timeout=300, env=env)
     assert out.returncode == 1 and "bad.jpg" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_predict_takes_folders_and_counts_faces_by_label(tiny_bundle, data_dir, yunet_path, tmp_path):
+    """A folder of photos, subfolders included; same-named photos in two subfolders keep their own annotated
+    copies; other files are skipped; one unreadable photo is reported and the rest still answered."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    for sub, source in (("a", "maksssksksss0.jpg"), ("b", "maksssksksss1.jpg")):
+        (folder / sub).mkdir(parents=True)
+        shutil.copy(data_dir / "images" / source, folder / sub / "photo.jpg")
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / ".hidden.jpg").write_bytes(b"skipped")
+    (folder / "broken.png").write_bytes(b"nope")
+    env = {**os.environ, "MASKWATCH_YUNET_PATH": str(yunet_path)}
+    command = [MASKWATCH, "predict", str(folder), "--model", str(tiny_bundle)]
+    out = subprocess.run([*command, "--output", str(tmp_path / "annotated")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 1, out.stderr[-2000:]  # one photo could not be read
+    assert "broken.png" in out.stderr and "Traceback" not in out.stderr
+    faces = {line.split(": ")[0]: int(line.split(": ")[1].split()[0]) for line in out.stdout.splitlines()
+             if line.endswith("face(s)")}
+    assert set(faces) == {str(folder / "a" / "photo.jpg"), str(folder / "b" / "photo.jpg")}
+    summary = out.stdout.strip().splitlines()[-1]  # "2 photo(s), 9 face(s): with_mask 7, ...; 1 unreadable"
+    assert summary.startswith(f"2 photo(s), {sum(faces.values())} face(s): ") and summary.endswith("; 1 unreadable")
+    counted = {label: int(n) for label, n in re.findall(r"(\w+) (\d+)", summary.split(": ", 1)[1])}
+    assert sum(counted.values()) == sum(faces.values()) >= 4
+    assert set(counted) == {"with_mask", "without_mask", "mask_weared_incorrect"}
+    assert cv2.imread(str(tmp_path / "annotated" / "a" / "photo_annotated.jpg")).shape == (366, 512, 3)
+    assert cv2.imread(str(tmp_path / "annotated" / "b" / "photo_annotated.jpg")).shape[:2] == cv2.imread(
+        str(data_dir / "images" / "maksssksksss1.jpg")).shape[:2]
+
+    as_json = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert sorted(json.loads(as_json.stdout)) == sorted(faces)
+    assert {k: len(v) for k, v in json.loads(as_json.stdout).items()} == faces
+
+    (tmp_path / "empty").mkdir()
+    empty = subprocess.run([MASKWATCH, "predict", str(tmp_path / "empty"), "--model", str(tiny_bundle)],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert empty.returncode == 2 and "no photos in this folder" in empty.stderr
