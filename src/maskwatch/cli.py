@@ -272,8 +272,11 @@ def predict(images: Annotated[list[Path], typer.Argument(
 
 
 def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
-    """(photo, the name of its annotated copy) for each input: a file as given, and a folder's photos named by
-    their path inside it, so that photos of the same name in different subfolders do not overwrite each other."""
+    """(photo, the name of its annotated copy) for each input: a file by its name, and a folder's photos by their
+    path inside it. Names that would still clash (a/photo.jpg and b/photo.jpg given one by one) become the
+    paths below the folder the clashing photos share, so that no annotated copy overwrites another."""
+    from collections import defaultdict
+
     from maskwatch.preprocessing import IMAGE_SUFFIXES, images_in
 
     photos = []
@@ -285,6 +288,14 @@ def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
         if not found:
             _fail(f"{path}: no photos in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
         photos += [(photo, photo.relative_to(path)) for photo in found]
+    by_name = defaultdict(set)
+    for photo, name in photos:
+        by_name[name].add(photo.resolve())
+    for name, clashing in by_name.items():
+        if len(clashing) > 1:
+            shared = Path(os.path.commonpath(clashing))
+            photos = [(photo, photo.resolve().relative_to(shared) if photo.resolve() in clashing else own)
+                      for photo, own in photos]
     return photos
 
 

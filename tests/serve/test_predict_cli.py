@@ -65,6 +65,14 @@ def test_predict_takes_folders_and_counts_faces_by_label(tiny_bundle, data_dir, 
     assert sorted(json.loads(as_json.stdout)) == sorted(faces)
     assert {k: len(v) for k, v in json.loads(as_json.stdout).items()} == faces
 
+    # The same two photos given one by one: their annotated copies still do not overwrite each other.
+    one_by_one = subprocess.run([MASKWATCH, "predict", str(folder / "a" / "photo.jpg"), str(folder / "b" / "photo.jpg"),
+                                 "--model", str(tiny_bundle), "--output", str(tmp_path / "each")],
+                                capture_output=True, text=True, timeout=300, env=env)
+    assert one_by_one.returncode == 0, one_by_one.stderr[-2000:]
+    assert sorted(p.relative_to(tmp_path / "each").as_posix() for p in (tmp_path / "each").rglob("*.jpg")) == [
+        "a/photo_annotated.jpg", "b/photo_annotated.jpg"]
+
     (tmp_path / "empty").mkdir()
     empty = subprocess.run([MASKWATCH, "predict", str(tmp_path / "empty"), "--model", str(tiny_bundle)],
                            capture_output=True, text=True, timeout=300, env=env)
