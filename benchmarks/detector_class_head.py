@@ -70,13 +70,13 @@ def face_features(feature_model, photos, config, copies: int, seed: int, desc: s
 
 def current_class_probabilities(detector, patches: np.ndarray) -> np.ndarray:
     """The trained detector's class opinion at the centre cells, as centernet.decode normalises it."""
+    from maskwatch.centernet import class_probabilities
+
     conv_kernel, conv_bias = detector.get_layer("heat_conv").get_weights()
     heat_kernel, heat_bias = detector.get_layer("heat").get_weights()
     centre = patches[:, 1:4, 1:4].astype(np.float32)
     hidden = np.maximum(np.einsum("nijc,ijcd->nd", centre, conv_kernel) + conv_bias, 0.0)
-    heat = 1.0 / (1.0 + np.exp(-(hidden @ heat_kernel[0, 0] + heat_bias)[:, 1:]))
-    heat = np.clip(heat, 1e-6, None)
-    return heat / heat.sum(axis=1, keepdims=True)
+    return class_probabilities(1.0 / (1.0 + np.exp(-(hidden @ heat_kernel[0, 0] + heat_bias)[:, 1:])))
 
 
 def fit_class_head(detector, patches, labels, class_weights, epochs: int, learning_rate: float, dropout: float,

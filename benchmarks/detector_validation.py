@@ -30,8 +30,7 @@ side, batch = int(sys.argv[2]), int(sys.argv[3])
 seconds = []
 for _ in range(2):  # the first pass includes TensorFlow's warm-up
     started = time.perf_counter()
-    value = validation_map(model, val, side, ValidationScoring(settings.detector.trained_eval_score_threshold,
-                                                               settings.detector.trained_face_score_power), batch)
+    value = validation_map(model, val, side, ValidationScoring.of(settings.detector), batch)
     seconds.append(time.perf_counter() - started)
 print(json.dumps({"photos": len(val), "val_map50": value, "first_s": seconds[0], "second_s": seconds[1],
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))

@@ -60,6 +60,10 @@ def decode(heads: np.ndarray, scale: float, score_threshold: float, max_faces: i
     size = np.exp(cells[:, SIZE_CHANNELS]) * STRIDE
     centre = (np.stack([cols, rows], axis=1) + cells[:, OFFSET_CHANNELS]) * STRIDE
     boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1) / scale
-    class_heat = np.clip(cells[:, CLASS_CHANNELS], 1e-6, None)
-    probabilities = class_heat / class_heat.sum(axis=1, keepdims=True)
-    return boxes.astype(np.float32), heat[rows, cols], probabilities.astype(np.float32)
+    return boxes.astype(np.float32), heat[rows, cols], class_probabilities(cells[:, CLASS_CHANNELS])
+
+
+def class_probabilities(class_heat: np.ndarray) -> np.ndarray:
+    """Class heat at faces' peaks (N x 3) -> class probabilities: each row normalised to sum to one."""
+    class_heat = np.clip(class_heat, 1e-6, None)
+    return (class_heat / class_heat.sum(axis=1, keepdims=True)).astype(np.float32)

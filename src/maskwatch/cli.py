@@ -288,15 +288,16 @@ def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
         if not found:
             _fail(f"{path}: no photos in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
         photos += [(photo, photo.relative_to(path)) for photo in found]
+    resolved = [photo.resolve() for photo, _ in photos]
     by_name = defaultdict(set)
-    for photo, name in photos:
-        by_name[name].add(photo.resolve())
-    for name, clashing in by_name.items():
+    for (_, name), real in zip(photos, resolved):
+        by_name[name].add(real)
+    renamed = {}
+    for clashing in by_name.values():
         if len(clashing) > 1:
             shared = Path(os.path.commonpath(clashing))
-            photos = [(photo, photo.resolve().relative_to(shared) if photo.resolve() in clashing else own)
-                      for photo, own in photos]
-    return photos
+            renamed.update({real: real.relative_to(shared) for real in clashing})
+    return [(photo, renamed.get(real, name)) for (photo, name), real in zip(photos, resolved)]
 
 
 def _mask_detector(settings: Settings, model: str | None, runtime: Runtime | None):

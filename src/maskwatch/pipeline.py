@@ -211,9 +211,7 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
             history, _ = train_face_detector(photos_from_faces(train_df), photos_from_faces(val_df), model_file,
                                              settings.detector_train,
                                              extra_callbacks=tracking.epoch_logger_factory()("detector", 0),
-                                             val_scoring=ValidationScoring(
-                                                 settings.detector.trained_eval_score_threshold,
-                                                 settings.detector.trained_face_score_power))
+                                             val_scoring=ValidationScoring.of(settings.detector))
             _log_detector_history(history, model_dir)
             train_record = json.loads((model_dir / TRAIN_RECORD).read_text())  # train_face_detector wrote it
         if train_record:

@@ -29,7 +29,7 @@ from maskwatch.centernet import (
     STRIDE,
     letterbox,
 )
-from maskwatch.config import CLASS_NAMES, DetectorTrainConfig
+from maskwatch.config import CLASS_NAMES, DetectorConfig, DetectorTrainConfig
 from maskwatch.preprocessing import read_image
 
 BACKBONE_FEATURES = ("block_2_add", "block_5_add", "block_12_add", "out_relu")  # strides 4, 8, 16, 32
@@ -363,6 +363,11 @@ class ValidationScoring:
 
     score_threshold: float = 0.05
     face_score_power: float = 1.0
+
+    @classmethod
+    def of(cls, detector: DetectorConfig) -> "ValidationScoring":
+        """The scoring that detection mAP applies to this detector's faces (its detector.trained_* settings)."""
+        return cls(detector.trained_eval_score_threshold, detector.trained_face_score_power)
 
 
 def validation_map(model, photos: DetectionPhotos, side: int, scoring: ValidationScoring, batch_size: int,
