@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from maskwatch.realtime import FrameReader, VideoSourceError, make_test_video, run_video
@@ -105,7 +106,10 @@ def test_exports_agree_with_keras(tiny_bundle, small_prepared, tmp_path):
     # probability error too. benchmarks/int8_fidelity.py, over 8 seeds of this bundle: int8 agreed on every such
     # crop and missed by 0.028-0.058 on average; calibrated on darkened crops it missed by 0.13-0.27 and flipped
     # up to 75% of them, calibrated on noise it missed by 0.07-0.15.
-    crops = np.stack([read_image(path) for path in small_prepared.test_df["crop_path"]])
+    # The val and test crops: neither trained the model nor calibrated int8, and together there are enough clear
+    # ones (a CI run's bundle had only 6 of 41 test crops at int8's margin).
+    held_out = pd.concat([small_prepared.val_df, small_prepared.test_df])
+    crops = np.stack([read_image(path) for path in held_out["crop_path"]])
     reference = Predictor.from_path(bundle, "keras").predict_inputs(crops)
     top_two = np.sort(reference, axis=1)[:, -2:]
     margin = top_two[:, 1] - top_two[:, 0]
