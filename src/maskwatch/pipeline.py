@@ -178,8 +178,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     from maskwatch.data import split_faces
     from maskwatch.detect import MaskDetector, Predictor, create_face_detector, for_evaluation
     from maskwatch.evaluate import evaluate_detection
-    from maskwatch.train_detector import (DetectorHistory, ValidationScoring, export_onnx, photos_from_faces,
-                                          train_face_detector)
+    from maskwatch.train_detector import (DetectorHistory, ValidationScoring, export_onnx, kept_epoch_metrics,
+                                          photos_from_faces, train_face_detector)
 
     started = time.perf_counter()
     tracking.configure(settings)
@@ -217,7 +217,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
         if train_record:
             tracking.log_artifact(model_dir / TRAIN_RECORD, "face_detector")
             if train_record.get("best_epoch"):
-                tracking.log_metrics({"detector_best_epoch": train_record["best_epoch"]})
+                tracking.log_metrics({"detector_best_epoch": train_record["best_epoch"],
+                                      **(kept_epoch_metrics(history, train_record["best_epoch"]) if history else {})})
         onnx_file = export_onnx(model_file, model_dir / "face_detector.onnx")
         tracking.log_artifact(model_file, "face_detector")
         tracking.log_artifact(onnx_file, "face_detector")

@@ -477,6 +477,15 @@ def best_epoch(history: DetectorHistory, metric: str) -> int | None:
     return max(scored, key=lambda pair: (sign * pair[0], -pair[1]))[1]
 
 
+def kept_epoch_metrics(history: DetectorHistory, epoch: int | None) -> dict[str, float]:
+    """The validation metrics of the epoch the checkpoint kept, as `detector_kept_<metric>`: what a run is
+    compared by, since a metric's last logged value is the last epoch's, which may score below the one kept."""
+    if epoch is None or not 1 <= epoch <= len(history.epochs):
+        return {}
+    record = history.epochs[epoch - 1]
+    return {f"detector_kept_{name}": float(record[name]) for name in ("val_map50", "val_loss") if name in record}
+
+
 def write_train_record(model_path: Path, config: DetectorTrainConfig, history: DetectorHistory,
                        train: DetectionPhotos, val: DetectionPhotos,
                        val_scoring: ValidationScoring = ValidationScoring()) -> Path:

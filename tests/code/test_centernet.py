@@ -94,6 +94,19 @@ def test_best_epoch_follows_the_checkpoint_metric():
     assert best_epoch(DetectorHistory([{"val_loss": float("nan")}]), "val_loss") is None
 
 
+def test_a_run_is_summarised_by_the_epoch_kept_not_the_last():
+    from maskwatch.train_detector import DetectorHistory, best_epoch, kept_epoch_metrics
+
+    # As in a real H100 run: val mAP 0.639 at epoch 135 (kept), 0.636 at the last, 137.
+    history = DetectorHistory([{"val_loss": 2.9, "val_map50": 0.639}, {"val_loss": 2.8},
+                               {"val_loss": 2.85, "val_map50": 0.636}])
+    kept = best_epoch(history, "val_map50")
+    assert kept == 1
+    assert kept_epoch_metrics(history, kept) == {"detector_kept_val_map50": 0.639, "detector_kept_val_loss": 2.9}
+    assert kept_epoch_metrics(history, 2) == {"detector_kept_val_loss": 2.8}  # val mAP not measured that epoch
+    assert kept_epoch_metrics(history, None) == {} and kept_epoch_metrics(history, 4) == {}
+
+
 def test_class_fusion_is_a_weighted_geometric_mean():
     from maskwatch.detect import fuse_class_probabilities
 

@@ -246,6 +246,7 @@ def test_train_detector_trains_exports_scores_and_logs(detector_job):
     val_map = client.get_metric_history(run.info.run_id, "detector_val_map50")
     assert [m.step for m in val_map] == [2] and val_map[0].value == pytest.approx(history["val_map50"].iloc[1])
     assert run.data.metrics["detector_best_epoch"] == 2
+    assert run.data.metrics["detector_kept_val_map50"] == pytest.approx(history["val_map50"].iloc[1])
     assert run.data.params["detector_train.epochs"] == "2"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "face_detector")}
     assert artifacts == {"face_detector/face_detector.keras", "face_detector/face_detector.onnx",
@@ -338,7 +339,7 @@ def test_a_detector_trained_elsewhere_is_exported_scored_and_logged_with_its_his
     assert run.data.tags["trained_elsewhere"] == str(first)
     assert run.data.params["detector_train.epochs"] == "2" and "train_config.json" in run.data.tags[
         "detector_train_params"]
-    assert run.data.metrics["detector_best_epoch"] == 2
+    assert run.data.metrics["detector_best_epoch"] == 2 and "detector_kept_val_map50" in run.data.metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "detector_val_map50")] == [2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "detector_loss")] == [1, 2]
     assert "det_alone_map50" in run.data.metrics
