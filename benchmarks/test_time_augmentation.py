@@ -1,14 +1,17 @@
-"""Does a mirrored second look help? Horizontal-flip test-time augmentation, on the val and test photos.
+"""Does a second look help? Horizontal-flip test-time augmentation and detector ensembles, on val and test.
 
-Four ways to run the trained detector + classifier (class_fusion from the settings, the serving defaults
+Ways to run the trained detector + classifier (class_fusion from the settings, the serving defaults
 otherwise), each scored by evaluate_detection (mAP@0.5, face AP, mAP with true classes):
   plain            one pass of each network (what serving does)
   detector flip    the detector also sees the mirrored photo; its maps are mirrored back and averaged
   classifier flip  the classifier also sees each mirrored crop; probabilities averaged
   both             the two together
+  ensemble         with --ensemble: more trained detectors see the photo; all their maps are averaged
+  ensemble + flip  the ensemble, each member also on the mirrored photo
 ms per photo is measured in the same run; ratios are to plain.
 
     python benchmarks/test_time_augmentation.py --detector artifacts/runs/<run>/face_detector/face_detector.onnx
+    python benchmarks/test_time_augmentation.py --detector <onnx> --ensemble <other onnx> ... --variants ensemble
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ def flipped_heads(detector):
     return heads
 
 
+def averaged_heads(detectors):
+    """The heads of several trained detectors for the same image, averaged: an ensemble with one decoding."""
+
+    def heads(boxed: np.ndarray) -> np.ndarray:
+        return np.mean([detector.heads(boxed) for detector in detectors], axis=0)
+
+    return heads
+
+
 class FlipAveragedPredictor:
     """A Predictor whose probabilities are averaged over each crop and its mirror image."""
 
@@ -51,10 +63,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_detection_arguments(parser)
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--ensemble", nargs="+", type=Path, default=[],
+                        help="more face_detector.onnx files, averaged with --detector's maps")
+    parser.add_argument("--variants", nargs="+", default=None, help="run only these (plain is always run)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "test_time_augmentation.json")
     args = parser.parse_args(argv)
     if not args.detector or not Path(args.detector).is_file():
         parser.error("--detector: no face_detector.onnx given or found (train one with maskwatch train-detector)")
+    if missing := [str(path) for path in args.ensemble if not path.is_file()]:
+        parser.error(f"--ensemble: not a file: {', '.join(missing)}")
+    known = ["plain", "detector flip", "classifier flip", "both"] + (["ensemble", "ensemble + flip"] if args.ensemble
+                                                                      else [])
+    if unknown := set(args.variants or []) - set(known):
+        parser.error(f"--variants: unknown {sorted(unknown)}; known: {known} (the ensembles need --ensemble)")
 
     from maskwatch.detect import MaskDetector, create_face_detector, for_evaluation, ranking_face_score_power
     from maskwatch.evaluate import evaluate_detection
@@ -67,6 +88,15 @@ def main(argv=None):
     flip_predictor = FlipAveragedPredictor(predictor)
     variants = {"plain": (plain_detector, predictor), "detector flip": (flip_detector, predictor),
                 "classifier flip": (plain_detector, flip_predictor), "both": (flip_detector, flip_predictor)}
+    if args.ensemble:
+        members = [plain_detector] + [create_face_detector(config.model_copy(update={"trained_model_path": path}))
+                                      for path in args.ensemble]
+        ensemble, ensemble_flip = create_face_detector(config), create_face_detector(config)
+        ensemble.heads = ensemble_flip.heads = averaged_heads(members)
+        ensemble_flip.heads = flipped_heads(ensemble_flip)
+        variants.update({"ensemble": (ensemble, predictor), "ensemble + flip": (ensemble_flip, predictor)})
+    if args.variants:
+        variants = {name: pair for name, pair in variants.items() if name == "plain" or name in args.variants}
     frames = {"val": prepared.val_df, "test": prepared.test_df}
     rows = []
     for split in args.splits:
@@ -82,7 +112,8 @@ def main(argv=None):
                 row["time_ratio"] = row["ms_per_photo"] / plain["ms_per_photo"]
     print_table(rows, ["split", "variant", "map50", "map50_gain", "ap_with_mask", "ap_without_mask",
                        "ap_mask_weared_incorrect", "face_ap50", "map50_true_classes", "ms_per_photo", "time_ratio"])
-    write_json(args.out, {"detector": str(args.detector), "model": args.model, "runtime": args.runtime,
+    write_json(args.out, {"detector": str(args.detector), "ensemble": [str(path) for path in args.ensemble],
+                          "model": args.model, "runtime": args.runtime,
                           "class_fusion": config.class_fusion, "rows": rows})
 
 
