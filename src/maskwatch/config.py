@@ -158,7 +158,8 @@ class DetectorTrainConfig(_Section):
     scale_range: tuple[float, float] = Field((0.6, 1.4), description="Random scale around input_side in training.")
     epochs: int = Field(140, ge=1)
     batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0.0, description="Peak, after warm-up. 1e-3 beat 2e-3 at equal length on an H100 (val mAP, detector alone: 0.728 vs 0.659; README).")
+    learning_rate: float = Field(1e-3, gt=0.0, description="Peak, after warm-up. 1e-3 beat 2e-3 at equal length "
+                                                           "on an H100 (val mAP, detector alone: 0.728 vs 0.659).")
     weight_decay: float = Field(1e-4, ge=0.0)
     warmup_epochs: int = Field(3, ge=0, description="Linear warm-up, then cosine decay to 1%.")
     loader_workers: int = Field(1, ge=1, description="Threads that augment batches (more on many-core machines).")
