@@ -17,6 +17,7 @@ ms per photo is measured in the same run; ratios are to plain.
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,16 @@ import numpy as np
 from common import REPO, add_detection_arguments, detection_row, detection_setup, print_table, write_json
 
 
-def flipped_heads(detector):
-    """The trained detector's heads, averaged with those of the mirrored image (mirrored back)."""
-    from maskwatch.centernet import OFFSET_CHANNELS
+def with_heads(detector, heads):
+    """A copy of a trained detector that decodes `heads` instead of its own (it shares the loaded model)."""
+    variant = copy.copy(detector)
+    variant.heads = heads
+    return variant
 
-    plain_heads = detector.heads
+
+def flipped_heads(plain_heads):
+    """Heads (a function of the letterboxed image), averaged with those of the mirrored image (mirrored back)."""
+    from maskwatch.centernet import OFFSET_CHANNELS
 
     def heads(boxed: np.ndarray) -> np.ndarray:
         mirrored = plain_heads(np.ascontiguousarray(boxed[:, ::-1]))[:, ::-1].copy()
@@ -83,17 +89,17 @@ def main(argv=None):
     settings, prepared, predictor = detection_setup(args.model, args.runtime)
     config = for_evaluation(settings.detector.model_copy(update={"backend": "centernet",
                                                                  "trained_model_path": args.detector}))
-    plain_detector, flip_detector = create_face_detector(config), create_face_detector(config)
-    flip_detector.heads = flipped_heads(flip_detector)
+    plain_detector = create_face_detector(config)
+    flip_detector = with_heads(plain_detector, flipped_heads(plain_detector.heads))
     flip_predictor = FlipAveragedPredictor(predictor)
     variants = {"plain": (plain_detector, predictor), "detector flip": (flip_detector, predictor),
                 "classifier flip": (plain_detector, flip_predictor), "both": (flip_detector, flip_predictor)}
     if args.ensemble:
         members = [plain_detector] + [create_face_detector(config.model_copy(update={"trained_model_path": path}))
                                       for path in args.ensemble]
-        ensemble, ensemble_flip = create_face_detector(config), create_face_detector(config)
-        ensemble.heads = ensemble_flip.heads = averaged_heads(members)
-        ensemble_flip.heads = flipped_heads(ensemble_flip)
+        averaged = averaged_heads(members)
+        ensemble = with_heads(plain_detector, averaged)
+        ensemble_flip = with_heads(plain_detector, flipped_heads(averaged))
         variants.update({"ensemble": (ensemble, predictor), "ensemble + flip": (ensemble_flip, predictor)})
     if args.variants:
         variants = {name: pair for name, pair in variants.items() if name == "plain" or name in args.variants}
