@@ -26,16 +26,16 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+def print_table(rows: list[dict], columns: list[str], digits: int = 2) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c), digits)) for r in rows)) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for row in rows:
-        print("  ".join(_fmt(row.get(c)).rjust(widths[c]) for c in columns))
+        print("  ".join(_fmt(row.get(c), digits).rjust(widths[c]) for c in columns))
 
 
-def _fmt(value) -> str:
+def _fmt(value, digits: int = 2) -> str:
     if isinstance(value, float):
-        return f"{value:.2f}"
+        return f"{value:.{digits}f}"
     return "-" if value is None else str(value)
 
 

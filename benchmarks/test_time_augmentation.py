@@ -24,6 +24,9 @@ import numpy as np
 
 from common import REPO, add_detection_arguments, detection_row, detection_setup, print_table, write_json
 
+SINGLE_VARIANTS = ("plain", "detector flip", "classifier flip", "both")
+ENSEMBLE_VARIANTS = ("ensemble", "ensemble + flip")  # with --ensemble only
+
 
 def with_heads(detector, heads):
     """A copy of a trained detector that decodes `heads` instead of its own (it shares the loaded model)."""
@@ -71,17 +74,16 @@ def main(argv=None):
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--ensemble", nargs="+", type=Path, default=[],
                         help="more face_detector.onnx files, averaged with --detector's maps")
-    parser.add_argument("--variants", nargs="+", default=None, help="run only these (plain is always run)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=SINGLE_VARIANTS + ENSEMBLE_VARIANTS,
+                        help="run only these (plain is always run; the ensembles need --ensemble)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "test_time_augmentation.json")
     args = parser.parse_args(argv)
     if not args.detector or not Path(args.detector).is_file():
         parser.error("--detector: no face_detector.onnx given or found (train one with maskwatch train-detector)")
     if missing := [str(path) for path in args.ensemble if not path.is_file()]:
         parser.error(f"--ensemble: not a file: {', '.join(missing)}")
-    known = ["plain", "detector flip", "classifier flip", "both"] + (["ensemble", "ensemble + flip"] if args.ensemble
-                                                                      else [])
-    if unknown := set(args.variants or []) - set(known):
-        parser.error(f"--variants: unknown {sorted(unknown)}; known: {known} (the ensembles need --ensemble)")
+    if not args.ensemble and (asked := set(args.variants or []) & set(ENSEMBLE_VARIANTS)):
+        parser.error(f"--variants: {sorted(asked)} need --ensemble")
 
     from maskwatch.detect import MaskDetector, create_face_detector, for_evaluation, ranking_face_score_power
     from maskwatch.evaluate import evaluate_detection
@@ -92,15 +94,15 @@ def main(argv=None):
     plain_detector = create_face_detector(config)
     flip_detector = with_heads(plain_detector, flipped_heads(plain_detector.heads))
     flip_predictor = FlipAveragedPredictor(predictor)
-    variants = {"plain": (plain_detector, predictor), "detector flip": (flip_detector, predictor),
-                "classifier flip": (plain_detector, flip_predictor), "both": (flip_detector, flip_predictor)}
+    variants = dict(zip(SINGLE_VARIANTS, [(plain_detector, predictor), (flip_detector, predictor),
+                                          (plain_detector, flip_predictor), (flip_detector, flip_predictor)]))
     if args.ensemble:
         members = [plain_detector] + [create_face_detector(config.model_copy(update={"trained_model_path": path}))
                                       for path in args.ensemble]
         averaged = averaged_heads(members)
         ensemble = with_heads(plain_detector, averaged)
         ensemble_flip = with_heads(plain_detector, flipped_heads(averaged))
-        variants.update({"ensemble": (ensemble, predictor), "ensemble + flip": (ensemble_flip, predictor)})
+        variants.update(zip(ENSEMBLE_VARIANTS, [(ensemble, predictor), (ensemble_flip, predictor)]))
     if args.variants:
         variants = {name: pair for name, pair in variants.items() if name == "plain" or name in args.variants}
     frames = {"val": prepared.val_df, "test": prepared.test_df}

@@ -13,6 +13,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from maskwatch.config import CLASS_NAMES
 
 MINORITY_CLASS = "mask_weared_incorrect"
+CALIBRATION_METRICS = ("ece", "brier", "log_loss")
 
 
 @dataclass
@@ -24,9 +25,12 @@ class EvaluationResult:
     report_text: str
     recall_interval: dict[str, dict[str, float]] = field(default_factory=dict)
     n_faces: int = 0
+    calibration: dict = field(default_factory=dict)  # calibration_metrics(): ECE, Brier, log loss, bins
 
     def flat_metrics(self, prefix: str = "test_") -> dict[str, float]:
         flat = {f"{prefix}accuracy": self.accuracy, f"{prefix}macro_f1": self.macro_f1}
+        flat.update({f"{prefix}{name}": self.calibration[name] for name in CALIBRATION_METRICS
+                     if name in self.calibration})
         for name, values in self.per_class.items():
             for metric in ("precision", "recall", "f1-score"):
                 flat[f"{prefix}{name}_{metric.replace('-score', '')}"] = values[metric]
@@ -74,7 +78,40 @@ def evaluate_predictions(y_true: np.ndarray, probabilities: np.ndarray, photo_id
                                           zero_division=0),
         recall_interval=intervals,
         n_faces=int(len(y_true)),
+        calibration=calibration_metrics(y_true, probabilities) if len(y_true) else {},
     )
+
+
+def calibration_metrics(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict:
+    """How far the scores can be read as probabilities: expected calibration error of the top class (equal-width
+    confidence bins, each weighted by its share of faces), multiclass Brier score and log loss (scikit-learn),
+    and the bins themselves for a reliability diagram."""
+    from sklearn.metrics import log_loss
+
+    y_true = np.asarray(y_true)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == y_true).astype(float)
+    # Bin i holds confidences in (i/bins, (i+1)/bins]; the top class of k classes is never below 1/k.
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore"):
+        accuracy = np.bincount(index, weights=correct, minlength=bins) / counts
+        mean_confidence = np.bincount(index, weights=confidence, minlength=bins) / counts
+    gaps = np.abs(accuracy - mean_confidence)
+    one_hot = np.eye(probabilities.shape[1])[y_true]
+    clipped = np.clip(probabilities, 1e-7, 1.0)  # a hard 0 on the true class would make log loss infinite
+    return {
+        "ece": float(np.nansum(gaps * counts) / len(y_true)),
+        "max_calibration_gap": float(np.nanmax(gaps)),
+        "brier": float(((probabilities - one_hot) ** 2).sum(axis=1).mean()),
+        "log_loss": float(log_loss(y_true, clipped / clipped.sum(axis=1, keepdims=True),
+                                   labels=range(probabilities.shape[1]))),
+        "mean_confidence": float(confidence.mean()),
+        "bins": [{"low": i / bins, "high": (i + 1) / bins, "faces": int(counts[i]),
+                  "accuracy": None if counts[i] == 0 else float(accuracy[i]),
+                  "mean_confidence": None if counts[i] == 0 else float(mean_confidence[i])} for i in range(bins)],
+    }
 
 
 def bootstrap_recall_interval(y_true, y_pred, photo_ids, class_index: int, samples: int, level: float,
@@ -131,6 +168,35 @@ def plot_confusion_matrix(result: EvaluationResult, path: Path, class_names=CLAS
                              title or f"Test: accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}")
 
 
+def plot_reliability_diagram(result: EvaluationResult, path: Path, title: str = "") -> Path:
+    """Accuracy against confidence of the top class per bin (the diagonal is perfect calibration), with the
+    faces per bin below: a bar under the diagonal is overconfidence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    filled = [b for b in result.calibration["bins"] if b["faces"]]
+    width = filled[0]["high"] - filled[0]["low"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, height_ratios=(3, 1))
+    top.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+            edgecolor="black", label="accuracy")
+    top.bar([b["low"] for b in filled], [b["mean_confidence"] - b["accuracy"] for b in filled], width=width,
+            bottom=[b["accuracy"] for b in filled], align="edge", color="tab:red", alpha=0.35, label="gap")
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+            title=title or f"Reliability: ECE {result.calibration['ece']:.3f}, Brier {result.calibration['brier']:.3f}")
+    top.legend(loc="upper left")
+    bottom.bar([b["low"] for b in filled], [b["faces"] for b in filled], width=width, align="edge",
+               edgecolor="black", color="grey")
+    bottom.set(xlabel="confidence of the top class", ylabel="faces", yscale="log")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _confusion_figure(counts: np.ndarray, column_labels: list[str], path: Path, title: str,
                       row_labels: list[str] | None = None, axis_labels: tuple[str, str] | None = None,
                       figsize: tuple[float, float] = (6, 5)) -> Path:
@@ -166,6 +232,11 @@ def format_summary(result: EvaluationResult, class_names=CLASS_NAMES, split: str
         lines.append(f"{name:<24}{values['precision']:>10.3f}{values['recall']:>10.3f}{values['f1-score']:>10.3f}"
                      f"{int(values['support']):>9}   {ci}")
     lines.append("confusion matrix (rows true, columns predicted): " + str(result.confusion_matrix))
+    if result.calibration:
+        lines.append(f"calibration: ECE {result.calibration['ece']:.3f} (largest bin gap "
+                     f"{result.calibration['max_calibration_gap']:.3f}), Brier {result.calibration['brier']:.3f}, "
+                     f"log loss {result.calibration['log_loss']:.3f}, mean confidence "
+                     f"{result.calibration['mean_confidence']:.3f}")
     return "\n".join(lines)
 
 

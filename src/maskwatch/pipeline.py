@@ -24,7 +24,7 @@ from maskwatch.data import PreparedData, class_counts_table, crops_with_spec, la
 from maskwatch.export import export_model
 from maskwatch.evaluate import (EvaluationResult, detection_metric_values, evaluate_model, format_confusion,
                                 format_summary, plot_confusion_matrix, plot_detection_confusion,
-                                predict_probabilities, tune_class_bias)
+                                plot_reliability_diagram, predict_probabilities, tune_class_bias)
 from maskwatch.train import TrainingHistory, plot_history, train_model
 from maskwatch.train_detector import TRAIN_RECORD
 
@@ -134,10 +134,11 @@ def _log_history(history: TrainingHistory, run_dir: Path) -> None:
 
 def _log_evaluation(evaluation: EvaluationResult, run_dir: Path) -> None:
     plot_confusion_matrix(evaluation, run_dir / "confusion_matrix.png")
+    plot_reliability_diagram(evaluation, run_dir / "reliability_diagram.png")
     (run_dir / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=2))
     (run_dir / "classification_report.txt").write_text(evaluation.report_text)
     tracking.log_metrics(evaluation.flat_metrics())
-    for name in ("confusion_matrix.png", "evaluation.json", "classification_report.txt"):
+    for name in ("confusion_matrix.png", "reliability_diagram.png", "evaluation.json", "classification_report.txt"):
         tracking.log_artifact(run_dir / name, "evaluation")
 
 
@@ -208,17 +209,16 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
                 for step, record in enumerate(history.epochs, start=1):
                     tracking.log_epoch("detector", step, record)
         else:
-            history, _ = train_face_detector(photos_from_faces(train_df), photos_from_faces(val_df), model_file,
-                                             settings.detector_train,
-                                             extra_callbacks=tracking.epoch_logger_factory()("detector", 0),
-                                             val_scoring=ValidationScoring.of(settings.detector))
+            history, train_record = train_face_detector(
+                photos_from_faces(train_df), photos_from_faces(val_df), model_file, settings.detector_train,
+                extra_callbacks=tracking.epoch_logger_factory()("detector", 0),
+                val_scoring=ValidationScoring.of(settings.detector))
             _log_detector_history(history, model_dir)
-            train_record = json.loads((model_dir / TRAIN_RECORD).read_text())  # train_face_detector wrote it
         if train_record:
             tracking.log_artifact(model_dir / TRAIN_RECORD, "face_detector")
             if train_record.get("best_epoch"):
                 tracking.log_metrics({"detector_best_epoch": train_record["best_epoch"],
-                                      **(kept_epoch_metrics(history, train_record["best_epoch"]) if history else {})})
+                                      **kept_epoch_metrics(history, train_record["best_epoch"])})
         onnx_file = export_onnx(model_file, model_dir / "face_detector.onnx")
         tracking.log_artifact(model_file, "face_detector")
         tracking.log_artifact(onnx_file, "face_detector")

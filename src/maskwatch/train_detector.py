@@ -436,9 +436,10 @@ def save_inference_model(weights_file: Path, model_path: Path):
 def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path: Path,
                         config: DetectorTrainConfig, weights: str | None = "imagenet",
                         extra_callbacks: list = (), val_scoring: ValidationScoring = ValidationScoring()
-                        ) -> tuple[DetectorHistory, object]:
+                        ) -> tuple[DetectorHistory, dict]:
     """Fit the detector; model_path gets the best epoch by config.checkpoint_metric (weights beside it as .h5),
-    and train_config.json beside it says how it was trained (maskwatch train-detector --trained reads it)."""
+    and train_config.json beside it says how it was trained (maskwatch train-detector --trained reads it).
+    Returns the epochs' history and that record."""
     import keras
 
     keras.utils.set_random_seed(config.seed)
@@ -460,8 +461,9 @@ def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path
     best = best_weights_path(model_path)
     if not best.is_file():  # no epoch finished with a finite validation loss
         model.save_weights(best)
-    write_train_record(model_path, config, history, train, val, val_scoring)
-    return history, save_inference_model(best, model_path)
+    record = write_train_record(model_path, config, history, train, val, val_scoring)
+    save_inference_model(best, model_path)
+    return history, record
 
 
 TRAIN_RECORD = "train_config.json"
@@ -477,10 +479,11 @@ def best_epoch(history: DetectorHistory, metric: str) -> int | None:
     return max(scored, key=lambda pair: (sign * pair[0], -pair[1]))[1]
 
 
-def kept_epoch_metrics(history: DetectorHistory, epoch: int | None) -> dict[str, float]:
+def kept_epoch_metrics(history: DetectorHistory | None, epoch: int | None) -> dict[str, float]:
     """The validation metrics of the epoch the checkpoint kept, as `detector_kept_<metric>`: what a run is
-    compared by, since a metric's last logged value is the last epoch's, which may score below the one kept."""
-    if epoch is None or not 1 <= epoch <= len(history.epochs):
+    compared by, since a metric's last logged value is the last epoch's, which may score below the one kept.
+    Empty without a history (a detector trained elsewhere may come without its history.csv)."""
+    if history is None or epoch is None or not 1 <= epoch <= len(history.epochs):
         return {}
     record = history.epochs[epoch - 1]
     return {f"detector_kept_{name}": float(record[name]) for name in ("val_map50", "val_loss") if name in record}
@@ -488,7 +491,7 @@ def kept_epoch_metrics(history: DetectorHistory, epoch: int | None) -> dict[str,
 
 def write_train_record(model_path: Path, config: DetectorTrainConfig, history: DetectorHistory,
                        train: DetectionPhotos, val: DetectionPhotos,
-                       val_scoring: ValidationScoring = ValidationScoring()) -> Path:
+                       val_scoring: ValidationScoring = ValidationScoring()) -> dict:
     """train_config.json beside the model: the settings, backend and photos it was trained with, and the epoch
     kept (with how val mAP scored it), so a model carried to another machine still says how it was made."""
     import json
@@ -501,9 +504,8 @@ def write_train_record(model_path: Path, config: DetectorTrainConfig, history: D
               "faces_train": train.face_count, "epochs_run": len(history.epochs),
               "stopped_by_budget": history.stopped_by_budget,
               "best_epoch": best_epoch(history, config.checkpoint_metric), "val_scoring": asdict(val_scoring)}
-    path = Path(model_path).parent / TRAIN_RECORD
-    path.write_text(json.dumps(record, indent=2))
-    return path
+    (Path(model_path).parent / TRAIN_RECORD).write_text(json.dumps(record, indent=2))
+    return record
 
 
 def export_onnx(model_file: Path, target: Path) -> Path:

@@ -105,6 +105,7 @@ def test_a_run_is_summarised_by_the_epoch_kept_not_the_last():
     assert kept_epoch_metrics(history, kept) == {"detector_kept_val_map50": 0.639, "detector_kept_val_loss": 2.9}
     assert kept_epoch_metrics(history, 2) == {"detector_kept_val_loss": 2.8}  # val mAP not measured that epoch
     assert kept_epoch_metrics(history, None) == {} and kept_epoch_metrics(history, 4) == {}
+    assert kept_epoch_metrics(None, kept) == {}  # trained elsewhere without its history.csv
 
 
 def test_class_fusion_is_a_weighted_geometric_mean():

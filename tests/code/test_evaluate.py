@@ -55,6 +55,45 @@ def test_class_bias_shifts_decisions_and_is_tuned_on_held_out_data():
     assert after > before
 
 
+def test_calibration_hand_counts():
+    from maskwatch.evaluate import calibration_metrics
+
+    # Ten faces at confidence 0.9 of which 9 are right, and ten at 0.6 of which 3 are right.
+    y_true = np.zeros(20, dtype=int)
+    probs = np.array([[0.9, 0.05, 0.05]] * 9 + [[0.05, 0.9, 0.05]] + [[0.6, 0.3, 0.1]] * 3 + [[0.1, 0.6, 0.3]] * 7)
+    calibration = calibration_metrics(y_true, probs, bins=10)
+    assert np.isclose(calibration["ece"], 0.5 * abs(0.9 - 0.9) + 0.5 * abs(0.6 - 0.3))  # 0.15
+    assert np.isclose(calibration["max_calibration_gap"], 0.3)
+    brier = (9 * (0.1**2 + 2 * 0.05**2) + (0.95**2 + 0.9**2 + 0.05**2) + 3 * (0.4**2 + 0.3**2 + 0.1**2)
+             + 7 * (0.9**2 + 0.6**2 + 0.3**2)) / 20
+    assert np.isclose(calibration["brier"], brier)
+    assert np.isclose(calibration["log_loss"], -(9 * np.log(0.9) + np.log(0.05) + 3 * np.log(0.6) + 7 * np.log(0.1)) / 20)
+    filled = {b["low"]: b for b in calibration["bins"] if b["faces"]}
+    assert set(filled) == {0.5, 0.8} and filled[0.8]["accuracy"] == 0.9 and filled[0.5]["accuracy"] == 0.3
+    assert sum(b["faces"] for b in calibration["bins"]) == 20
+
+
+def test_calibration_is_zero_for_calibrated_scores_and_flat_metrics_carry_it():
+    rng = np.random.default_rng(0)
+    confidence = rng.choice([0.55, 0.75, 0.95], size=30000)
+    y_true = np.where(rng.random(30000) < confidence, 0, 1)  # right exactly as often as it says
+    probs = np.stack([confidence, 1 - confidence, np.zeros_like(confidence)], axis=1)
+    result = evaluate_predictions(y_true, probs)
+    assert result.calibration["ece"] < 0.01
+    overconfident = evaluate_predictions(y_true, one_hot(np.zeros(30000, dtype=int)))
+    assert np.isclose(overconfident.calibration["ece"], 1 - (y_true == 0).mean())
+    assert {"test_ece", "test_brier", "test_log_loss"} <= set(result.flat_metrics())
+    assert "calibration: ECE" in format_summary(result)
+
+
+def test_reliability_diagram_is_written(tmp_path):
+    from maskwatch.evaluate import plot_reliability_diagram
+
+    result = evaluate_predictions(np.array([0, 1, 2, 0]), one_hot([0, 1, 0, 0]) * 0.7 + 0.1)
+    path = plot_reliability_diagram(result, tmp_path / "reliability.png")
+    assert path.stat().st_size > 10_000
+
+
 # ----------------------------------------------------------------------------- detection AP (pycocotools)
 
 

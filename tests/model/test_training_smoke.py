@@ -39,10 +39,11 @@ def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory):
         assert len(client.get_metric_history(result.run_id, name)) == 1, name
     assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [1, 2]
     assert 0.0 <= metrics["test_macro_f1"] <= 1.0 and "test_mask_weared_incorrect_recall_ci_high" in metrics
+    assert 0.0 <= metrics["test_ece"] <= 1.0 and metrics["test_brier"] >= 0.0 and metrics["test_log_loss"] > 0.0
     artifacts = {a.path for path in ("", "training", "evaluation", "model", "model/data", "data_report")
                  for a in client.list_artifacts(result.run_id, path)}
     for expected in ("training/training_curves.png", "training/history.csv", "evaluation/confusion_matrix.png",
-                     "evaluation/classification_report.txt", "model/MLmodel", "data_report/sample_crops.png",
+                     "evaluation/reliability_diagram.png", "evaluation/classification_report.txt", "model/MLmodel", "data_report/sample_crops.png",
                      "data_report/face_sizes.png", "config.yaml", "promotion.json", "model/data/model_float.tflite"):
         assert expected in artifacts, expected
     model_info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
