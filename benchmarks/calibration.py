@@ -91,16 +91,20 @@ def main(argv=None):
             row = {"split": split, "scores": name, "faces": len(predicted),
                    "accuracy": accuracy_score(truth[split], predicted),
                    "macro_f1": f1_score(truth[split], predicted, average="macro"),
-                   **{key: calibration[key] for key in ("ece", "max_calibration_gap", "brier", "log_loss",
-                                                        "mean_confidence")}}
+                   **{key: calibration[key] for key in ("ece", "brier", "log_loss", "mean_confidence")}}
             if face_detector is not None:
                 row["detection_map50"] = evaluate_detection(MaskDetector(scorer, face_detector), frame,
                                                             progress=False)["map50"]
             rows.append(row)
             print(f"{split} {name}: ECE {row['ece']:.4f}", flush=True)
-    columns = ["split", "scores", "faces", "accuracy", "macro_f1", "ece", "max_calibration_gap", "brier", "log_loss",
-               "mean_confidence"] + (["detection_map50"] if args.detection else [])
+    columns = ["split", "scores", "faces", "accuracy", "macro_f1", "ece", "brier", "log_loss", "mean_confidence"] + (
+        ["detection_map50"] if args.detection else [])
     print_table(rows, columns, digits=3)
+    print("\nreliability as served (faces, accuracy and mean confidence per bin of top-class confidence):")
+    print_table([{"split": split, "bin": f"{b['low']:.1f}-{b['high']:.1f}", "faces": b["faces"],
+                  "accuracy": b["accuracy"], "mean_confidence": b["mean_confidence"]}
+                 for split in frames for b in bins[f"{split} as served"] if b["faces"]],
+                ["split", "bin", "faces", "accuracy", "mean_confidence"], digits=3)
     write_json(args.out, {"model": args.model, "runtime": args.runtime, "temperature": temperature,
                           "bins_per_row": args.bins, "rows": rows, "bins": bins})
 

@@ -103,7 +103,6 @@ def calibration_metrics(y_true: np.ndarray, probabilities: np.ndarray, bins: int
     clipped = np.clip(probabilities, 1e-7, 1.0)  # a hard 0 on the true class would make log loss infinite
     return {
         "ece": float(np.nansum(gaps * counts) / len(y_true)),
-        "max_calibration_gap": float(np.nanmax(gaps)),
         "brier": float(((probabilities - one_hot) ** 2).sum(axis=1).mean()),
         "log_loss": float(log_loss(y_true, clipped / clipped.sum(axis=1, keepdims=True),
                                    labels=range(probabilities.shape[1]))),
@@ -182,7 +181,8 @@ def plot_reliability_diagram(result: EvaluationResult, path: Path, title: str = 
     top.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
             edgecolor="black", label="accuracy")
     top.bar([b["low"] for b in filled], [b["mean_confidence"] - b["accuracy"] for b in filled], width=width,
-            bottom=[b["accuracy"] for b in filled], align="edge", color="tab:red", alpha=0.35, label="gap")
+            bottom=[b["accuracy"] for b in filled], align="edge", color="tab:red", alpha=0.35,
+            label="gap to mean confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
             title=title or f"Reliability: ECE {result.calibration['ece']:.3f}, Brier {result.calibration['brier']:.3f}")
@@ -233,10 +233,9 @@ def format_summary(result: EvaluationResult, class_names=CLASS_NAMES, split: str
                      f"{int(values['support']):>9}   {ci}")
     lines.append("confusion matrix (rows true, columns predicted): " + str(result.confusion_matrix))
     if result.calibration:
-        lines.append(f"calibration: ECE {result.calibration['ece']:.3f} (largest bin gap "
-                     f"{result.calibration['max_calibration_gap']:.3f}), Brier {result.calibration['brier']:.3f}, "
+        lines.append(f"calibration: ECE {result.calibration['ece']:.3f}, Brier {result.calibration['brier']:.3f}, "
                      f"log loss {result.calibration['log_loss']:.3f}, mean confidence "
-                     f"{result.calibration['mean_confidence']:.3f}")
+                     f"{result.calibration['mean_confidence']:.3f} (reliability diagram: bins by confidence)")
     return "\n".join(lines)
 
 
