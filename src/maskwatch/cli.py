@@ -137,7 +137,12 @@ def train_detector_command(
             help="Skip training: export and score this face_detector.keras (e.g. trained on a GPU machine); "
                  "history.csv and train_config.json beside it are logged too.")] = None,
         model: ModelOpt = None,
-        run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None) -> None:
+        run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None,
+        train_only: Annotated[Optional[Path], typer.Option(
+            "--train-only", help="Only train, into this folder (face_detector.keras, history.csv, train_config.json): "
+                                 "no MLflow run, ONNX export or scoring, so neither MLflow nor TensorFlow is needed "
+                                 "(KERAS_BACKEND=jax on a GPU machine). Bring the model back with --trained.")] = None,
+) -> None:
     """Train the face-mask detector on the data set's photos, export it to ONNX, score detection, log to MLflow.
 
     Use it with --set detector.backend=centernet --set detector.trained_model_path=.../face_detector.onnx.
@@ -150,11 +155,28 @@ def train_detector_command(
     settings = _settings(config, preset, set_, data_dir, tracking_uri, work_dir)
     if trained is not None and not trained.is_file():
         _fail(f"no trained detector at {trained}")
+    if train_only is not None:
+        if trained is not None:
+            _fail("--train-only trains a detector and --trained takes one trained elsewhere: give one of them")
+        _train_detector_only(settings, train_only)
+        return
     try:
         result = run_detector_job(settings, trained=trained, classifier_uri=model, run_name=run_name)
     except (DetectorModelError, *_known_errors()) as error:
         _fail(str(error))
     typer.echo(detector_summary_text(result))
+
+
+def _train_detector_only(settings: Settings, output_dir: Path) -> None:
+    from maskwatch.pipeline import train_detector_only
+
+    try:
+        history, record, model_file = train_detector_only(settings, output_dir)
+    except _known_errors() as error:
+        _fail(str(error))
+    typer.echo(f"trained {len(history.epochs)} epochs ({record['backend']} backend), kept epoch "
+               f"{record['best_epoch']}: {model_file}\nexport, score and log it where MLflow and TensorFlow are "
+               f"installed: maskwatch train-detector --trained {model_file}")
 
 
 @app.command()

@@ -281,11 +281,32 @@ def log_detection_evaluation(metrics: dict, prefix: str = "det_", name: str = "d
         tracking.log_artifact(plot_detection_confusion(metrics["confusion"], Path(folder) / f"{name}_confusion.png"))
 
 
-def _log_detector_history(history, model_dir: Path) -> None:
+def train_detector_only(settings: Settings, output_dir: Path) -> tuple[DetectorHistory, dict, Path]:
+    """Train the face detector into output_dir and do nothing else: face_detector.keras, history.csv,
+    training_curves.png and train_config.json, but no MLflow run, ONNX export or scoring. So it needs neither
+    MLflow nor TensorFlow, and runs on a GPU machine with only Keras and JAX; `train-detector --trained` then
+    exports, scores and logs the model where the rest is installed. Returns (history, train record, model file)."""
+    from maskwatch.data import split_faces
+    from maskwatch.train_detector import ValidationScoring, photos_from_faces, train_face_detector
+
+    train_df, val_df, _ = split_faces(settings)  # the test photos stay unseen, as in run_detector_job
+    output_dir = Path(output_dir)
+    model_file = output_dir / "face_detector.keras"
+    history, record = train_face_detector(photos_from_faces(train_df), photos_from_faces(val_df), model_file,
+                                          settings.detector_train, val_scoring=ValidationScoring.of(settings.detector))
+    _write_detector_history(history, output_dir)
+    return history, record, model_file
+
+
+def _write_detector_history(history: DetectorHistory, model_dir: Path) -> None:
     from maskwatch.train_detector import plot_history as plot_detector_history
 
     history.to_frame().to_csv(model_dir / "history.csv", index=False)
     plot_detector_history(history, model_dir / "training_curves.png")
+
+
+def _log_detector_history(history, model_dir: Path) -> None:
+    _write_detector_history(history, model_dir)
     tracking.log_artifact(model_dir / "history.csv", "training")
     tracking.log_artifact(model_dir / "training_curves.png", "training")
     tracking.log_metrics({"seconds_per_epoch_detector": float(np.mean(history.epoch_seconds))})

@@ -360,3 +360,12 @@ def test_train_detector_refuses_a_broken_train_config(detector_job, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env, cwd=work)
     assert out.returncode == 2 and "is not a train_config.json that maskwatch wrote" in out.stderr
     assert "Traceback" not in out.stderr and len(list((work / "artifacts" / "runs").iterdir())) == runs_before
+
+
+def test_train_only_and_trained_together_are_refused(detector_job, tmp_path):
+    work, env, args, _ = detector_job
+    model_file = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.keras"))
+    out = subprocess.run([MASKWATCH, "train-detector", "--train-only", str(tmp_path / "out"), "--trained",
+                          str(model_file), *args], capture_output=True, text=True, timeout=300, env=env, cwd=work)
+    assert out.returncode == 2 and "give one of them" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()

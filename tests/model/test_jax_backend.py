@@ -62,3 +62,54 @@ def test_train_detector_job_runs_under_jax(tmp_path, data_dir):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(model_dir.parent.name)
     assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["det_alone_map50"] <= 1.0
+
+
+# Makes TensorFlow and MLflow unimportable, as on a GPU machine that has only JAX: any import of them fails as if
+# they were not installed (keras' own optional-TensorFlow probes take that as "absent").
+WITHOUT_TENSORFLOW_AND_MLFLOW = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "mlflow", "tf2onnx"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Absent())
+"""
+
+
+@pytest.mark.slow
+def test_train_only_needs_neither_tensorflow_nor_mlflow_and_comes_back_with_trained(tmp_path, data_dir):
+    from conftest import cli_env
+
+    args = ["--preset", "quick", "--set", "data.max_photos=16", "--set", "detector_train.epochs=2",
+            "--set", "detector_train.batch_size=4", "--set", "detector_train.train_canvas=192",
+            "--set", "detector_train.input_side=192"]
+    script = WITHOUT_TENSORFLOW_AND_MLFLOW + """
+from maskwatch.cli import app
+try:
+    app(prog_name="maskwatch")
+finally:
+    assert not [name for name in sys.modules if name.split(".")[0] in ("tensorflow", "mlflow")]
+"""
+    out_dir = tmp_path / "gpu-machine"
+    out = subprocess.run([sys.executable, "-c", script, "train-detector", *args, "--train-only", str(out_dir)],
+                         capture_output=True, text=True, timeout=900, env=jax_env(cli_env(tmp_path, data_dir)),
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "detector epoch 2: val mAP@0.5" in out.stdout and "--trained " + str(out_dir) in out.stdout
+    record = json.loads((out_dir / "train_config.json").read_text())
+    assert record["backend"] == "jax" and record["epochs_run"] == 2 and record["best_epoch"] == 2
+    assert {"face_detector.keras", "history.csv", "training_curves.png"} <= {p.name for p in out_dir.iterdir()}
+    assert not (tmp_path / "mlflow.db").exists()
+
+    # Back home (TensorFlow backend, MLflow): exported, scored and logged with the other machine's record.
+    back = subprocess.run([MASKWATCH, "train-detector", *args, "--trained", str(out_dir / "face_detector.keras")],
+                          capture_output=True, text=True, timeout=900, env=cli_env(tmp_path, data_dir), cwd=tmp_path)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "face detector job finished" in back.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs(client.search_experiments()[0].experiment_id)[0]
+    assert run.data.params["detector_train.epochs"] == "2" and run.data.metrics["detector_best_epoch"] == 2
+    assert len(client.get_metric_history(run.info.run_id, "detector_loss")) == 2  # the other machine's epochs
