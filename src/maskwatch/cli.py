@@ -158,6 +158,9 @@ def train_detector_command(
     if train_only is not None:
         if trained is not None:
             _fail("--train-only trains a detector and --trained takes one trained elsewhere: give one of them")
+        if (train_only / "face_detector.keras").exists():  # hours of GPU time are not overwritten silently
+            _fail(f"{train_only} already holds a trained detector (face_detector.keras): give another folder "
+                  "or move it away first")
         _train_detector_only(settings, train_only)
         return
     try:

@@ -362,10 +362,18 @@ def test_train_detector_refuses_a_broken_train_config(detector_job, tmp_path):
     assert "Traceback" not in out.stderr and len(list((work / "artifacts" / "runs").iterdir())) == runs_before
 
 
-def test_train_only_and_trained_together_are_refused(detector_job, tmp_path):
+def test_train_only_refuses_trained_and_a_folder_with_a_model(detector_job, tmp_path):
     work, env, args, _ = detector_job
     model_file = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.keras"))
     out = subprocess.run([MASKWATCH, "train-detector", "--train-only", str(tmp_path / "out"), "--trained",
                           str(model_file), *args], capture_output=True, text=True, timeout=300, env=env, cwd=work)
     assert out.returncode == 2 and "give one of them" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()
+
+    # A folder that already holds a trained detector is not overwritten.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "face_detector.keras").write_bytes(b"weeks of work")
+    out = subprocess.run([MASKWATCH, "train-detector", "--train-only", str(tmp_path / "out"), *args],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=work)
+    assert out.returncode == 2 and "already holds a trained detector" in out.stderr
+    assert (tmp_path / "out" / "face_detector.keras").read_bytes() == b"weeks of work"
