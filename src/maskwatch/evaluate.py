@@ -184,8 +184,9 @@ def plot_reliability_diagram(result: EvaluationResult, path: Path, title: str = 
             bottom=[b["accuracy"] for b in filled], align="edge", color="tab:red", alpha=0.35,
             label="gap to mean confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    calibration = result.calibration
     top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-            title=title or f"Reliability: ECE {result.calibration['ece']:.3f}, Brier {result.calibration['brier']:.3f}")
+            title=title or f"Reliability: ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f}")
     top.legend(loc="upper left")
     bottom.bar([b["low"] for b in filled], [b["faces"] for b in filled], width=width, align="edge",
                edgecolor="black", color="grey")

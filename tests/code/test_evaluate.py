@@ -66,7 +66,8 @@ def test_calibration_hand_counts():
     brier = (9 * (0.1**2 + 2 * 0.05**2) + (0.95**2 + 0.9**2 + 0.05**2) + 3 * (0.4**2 + 0.3**2 + 0.1**2)
              + 7 * (0.9**2 + 0.6**2 + 0.3**2)) / 20
     assert np.isclose(calibration["brier"], brier)
-    assert np.isclose(calibration["log_loss"], -(9 * np.log(0.9) + np.log(0.05) + 3 * np.log(0.6) + 7 * np.log(0.1)) / 20)
+    log_likelihood = 9 * np.log(0.9) + np.log(0.05) + 3 * np.log(0.6) + 7 * np.log(0.1)
+    assert np.isclose(calibration["log_loss"], -log_likelihood / 20)
     filled = {b["low"]: b for b in calibration["bins"] if b["faces"]}
     assert set(filled) == {0.5, 0.8} and filled[0.8]["accuracy"] == 0.9 and filled[0.5]["accuracy"] == 0.3
     assert sum(b["faces"] for b in calibration["bins"]) == 20
