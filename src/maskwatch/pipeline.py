@@ -179,8 +179,7 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     from maskwatch.data import split_faces
     from maskwatch.detect import MaskDetector, Predictor, create_face_detector, for_evaluation
     from maskwatch.evaluate import evaluate_detection
-    from maskwatch.train_detector import (DetectorHistory, ValidationScoring, export_onnx, kept_epoch_metrics,
-                                          photos_from_faces, train_face_detector)
+    from maskwatch.train_detector import DetectorHistory, export_onnx, kept_epoch_metrics
 
     started = time.perf_counter()
     tracking.configure(settings)
@@ -205,14 +204,13 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
             train_record = trained_record
             if (Path(trained).parent / "history.csv").is_file():  # the other machine's epochs, if it kept them
                 history = DetectorHistory.from_frame(pd.read_csv(Path(trained).parent / "history.csv"))
+                _write_detector_history(history, model_dir)
                 _log_detector_history(history, model_dir)
                 for step, record in enumerate(history.epochs, start=1):
                     tracking.log_epoch("detector", step, record)
         else:
-            history, train_record = train_face_detector(
-                photos_from_faces(train_df), photos_from_faces(val_df), model_file, settings.detector_train,
-                extra_callbacks=tracking.epoch_logger_factory()("detector", 0),
-                val_scoring=ValidationScoring.of(settings.detector))
+            history, train_record = _fit_detector(settings, train_df, val_df, model_file,
+                                                  tracking.epoch_logger_factory()("detector", 0))
             _log_detector_history(history, model_dir)
         if train_record:
             tracking.log_artifact(model_dir / TRAIN_RECORD, "face_detector")
@@ -287,15 +285,23 @@ def train_detector_only(settings: Settings, output_dir: Path) -> tuple[DetectorH
     MLflow nor TensorFlow, and runs on a GPU machine with only Keras and JAX; `train-detector --trained` then
     exports, scores and logs the model where the rest is installed. Returns (history, train record, model file)."""
     from maskwatch.data import split_faces
-    from maskwatch.train_detector import ValidationScoring, photos_from_faces, train_face_detector
 
     train_df, val_df, _ = split_faces(settings)  # the test photos stay unseen, as in run_detector_job
-    output_dir = Path(output_dir)
-    model_file = output_dir / "face_detector.keras"
-    history, record = train_face_detector(photos_from_faces(train_df), photos_from_faces(val_df), model_file,
-                                          settings.detector_train, val_scoring=ValidationScoring.of(settings.detector))
-    _write_detector_history(history, output_dir)
+    model_file = Path(output_dir) / "face_detector.keras"
+    history, record = _fit_detector(settings, train_df, val_df, model_file)
     return history, record, model_file
+
+
+def _fit_detector(settings: Settings, train_df: pd.DataFrame, val_df: pd.DataFrame, model_file: Path,
+                  extra_callbacks: list = ()) -> tuple[DetectorHistory, dict]:
+    """train_face_detector on the split's photos, with history.csv and the curves written beside the model."""
+    from maskwatch.train_detector import ValidationScoring, photos_from_faces, train_face_detector
+
+    history, record = train_face_detector(photos_from_faces(train_df), photos_from_faces(val_df), model_file,
+                                          settings.detector_train, extra_callbacks=extra_callbacks,
+                                          val_scoring=ValidationScoring.of(settings.detector))
+    _write_detector_history(history, model_file.parent)
+    return history, record
 
 
 def _write_detector_history(history: DetectorHistory, model_dir: Path) -> None:
@@ -306,7 +312,7 @@ def _write_detector_history(history: DetectorHistory, model_dir: Path) -> None:
 
 
 def _log_detector_history(history, model_dir: Path) -> None:
-    _write_detector_history(history, model_dir)
+    """Logs what _write_detector_history wrote into model_dir."""
     tracking.log_artifact(model_dir / "history.csv", "training")
     tracking.log_artifact(model_dir / "training_curves.png", "training")
     tracking.log_metrics({"seconds_per_epoch_detector": float(np.mean(history.epoch_seconds))})

@@ -12,6 +12,10 @@ import pytest
 pytest.importorskip("jax", reason="jax is in the dev extra for Python >= 3.11")
 
 MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
+# A detector job small enough for 2 CPU cores: 16 photos, 2 epochs at 192 px.
+TINY_DETECTOR_JOB = ["--preset", "quick", "--set", "data.max_photos=16", "--set", "detector_train.epochs=2",
+                     "--set", "detector_train.batch_size=4", "--set", "detector_train.train_canvas=192",
+                     "--set", "detector_train.input_side=192"]
 
 
 def jax_env(base: dict | None = None) -> dict:
@@ -45,9 +49,7 @@ print("max difference", worst)
 def test_train_detector_job_runs_under_jax(tmp_path, data_dir):
     from conftest import cli_env
 
-    args = ["--preset", "quick", "--set", "data.max_photos=16", "--set", "detector_train.epochs=2",
-            "--set", "detector_train.batch_size=4", "--set", "detector_train.train_canvas=192",
-            "--set", "detector_train.input_side=192"]
+    args = TINY_DETECTOR_JOB
     out = subprocess.run([MASKWATCH, "train-detector", *args], capture_output=True, text=True, timeout=900,
                          env=jax_env(cli_env(tmp_path, data_dir)), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -80,9 +82,7 @@ sys.meta_path.insert(0, Absent())
 def test_train_only_needs_neither_tensorflow_nor_mlflow_and_comes_back_with_trained(tmp_path, data_dir):
     from conftest import cli_env
 
-    args = ["--preset", "quick", "--set", "data.max_photos=16", "--set", "detector_train.epochs=2",
-            "--set", "detector_train.batch_size=4", "--set", "detector_train.train_canvas=192",
-            "--set", "detector_train.input_side=192"]
+    args = TINY_DETECTOR_JOB
     script = WITHOUT_TENSORFLOW_AND_MLFLOW + """
 from maskwatch.cli import app
 try:

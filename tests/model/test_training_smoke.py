@@ -43,8 +43,8 @@ def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory):
     artifacts = {a.path for path in ("", "training", "evaluation", "model", "model/data", "data_report")
                  for a in client.list_artifacts(result.run_id, path)}
     for expected in ("training/training_curves.png", "training/history.csv", "evaluation/confusion_matrix.png",
-                     "evaluation/reliability_diagram.png", "evaluation/classification_report.txt", "model/MLmodel", "data_report/sample_crops.png",
-                     "data_report/face_sizes.png", "config.yaml", "promotion.json", "model/data/model_float.tflite"):
+                     "evaluation/reliability_diagram.png", "evaluation/classification_report.txt", "model/MLmodel",
+                     "data_report/sample_crops.png", "data_report/face_sizes.png", "config.yaml", "promotion.json", "model/data/model_float.tflite"):
         assert expected in artifacts, expected
     model_info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
     assert model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 160, 160, 3)
