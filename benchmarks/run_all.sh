@@ -14,6 +14,7 @@ $py benchmarks/load.py --variant "default:" --variant "1-thread:serve.inference_
 $py benchmarks/hostile.py 2>benchmarks/results/hostile.log | tee benchmarks/results/hostile.txt
 $py benchmarks/int8_fidelity.py 2>benchmarks/results/int8_fidelity.log | tee benchmarks/results/int8_fidelity.txt
 $py benchmarks/calibration.py --detection 2>benchmarks/results/calibration.log | tee benchmarks/results/calibration.txt
+$py benchmarks/video_smoothing.py 2>benchmarks/results/video_smoothing.log | tee benchmarks/results/video_smoothing.txt
 # The trained face detector, when one is configured (maskwatch train-detector, then MASKWATCH_DETECTOR_PATH).
 if [ -n "${MASKWATCH_DETECTOR_PATH:-}" ]; then
   $py benchmarks/detectors.py --sides 800 960 2>benchmarks/results/detectors.log | tee benchmarks/results/detectors.txt

@@ -28,7 +28,7 @@ def test_notebook_executes(tmp_path, data_dir, yunet_path, monkeypatch):
     executed = json.loads(output.read_text())
     text = json.dumps(executed)
     assert "promotion" in text and "FPS" in text and "phase 2 trainable parameters" in text
-    assert "calibration:" in text and "ECE" in text
+    assert "calibration:" in text and "ECE" in text and "tracked faces" in text
     assert "face detector job finished" in text and "with the classifier" in text
     images = sum(1 for cell in executed["cells"] for out in cell.get("outputs", [])
                  if "image/png" in out.get("data", {}) or "image/jpeg" in out.get("data", {}))

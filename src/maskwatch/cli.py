@@ -416,13 +416,17 @@ def webcam(source: Annotated[str, typer.Option(help="Camera index (0), video fil
            max_frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
            runtime: RuntimeOpt = None,
            config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
-    """Detect masks live in a camera, video file or stream; q or Ctrl-C stops. Prints FPS and stage timings."""
-    from maskwatch.realtime import VideoSourceError, parse_source, run_video
+    """Detect masks live in a camera, video file or stream; q or Ctrl-C stops. Prints FPS and stage timings.
 
-    mask_detector = _mask_detector(_settings(config, "full", set_, tracking_uri=tracking_uri), model, runtime)
+    Faces are followed from frame to frame (track_id in --json) and their labels steadied over frames:
+    --set realtime.smoothing=0 judges every frame alone."""
+    from maskwatch.realtime import FaceTracker, VideoSourceError, parse_source, run_video
+
+    settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
+    mask_detector = _mask_detector(settings, model, runtime)
     try:
         summary = run_video(mask_detector, parse_source(source), display=display, output=output, json_path=json_out,
-                            max_frames=max_frames)
+                            max_frames=max_frames, tracker=FaceTracker(settings.realtime))
     except VideoSourceError as error:
         _fail(str(error))
     err(summary.to_text())

@@ -190,6 +190,14 @@ class ServeConfig(_Section):
         None, ge=1, description="Threads per worker for OpenCV and the classifier; None = all cores.")
 
 
+class RealtimeConfig(_Section):
+    smoothing: float = Field(
+        0.5, ge=0.0, lt=1.0, description="Share of a tracked face's class probabilities carried to the next video "
+                                         "frame (a moving average that steadies labels); 0 = every frame alone.")
+    track_min_iou: float = Field(0.3, gt=0.0, le=1.0, description="Box overlap that makes a face the one before.")
+    track_max_missed: int = Field(5, ge=0, description="Frames a face may go unseen before its track ends.")
+
+
 class Settings(_Section):
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
@@ -200,6 +208,7 @@ class Settings(_Section):
     detector: DetectorConfig = DetectorConfig()
     detector_train: DetectorTrainConfig = DetectorTrainConfig()
     serve: ServeConfig = ServeConfig()
+    realtime: RealtimeConfig = RealtimeConfig()
 
     # Derived locations: one place decides where things live.
     @property

@@ -475,6 +475,7 @@ class Detection:
     score: float
     probabilities: dict[str, float]
     face_score: float
+    track_id: int | None = None  # the same face across video frames (realtime.FaceTracker); None for photos
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,6 +11,7 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, recall_score
 
 from maskwatch.config import CLASS_NAMES
+from maskwatch.preprocessing import box_iou
 
 MINORITY_CLASS = "mask_weared_incorrect"
 CALIBRATION_METRICS = ("ece", "brier", "log_loss")
@@ -245,19 +246,6 @@ def format_summary(result: EvaluationResult, class_names=CLASS_NAMES, split: str
 SIZE_BUCKETS = (("under_16", 0, 16), ("16_to_32", 16, 32), ("32_and_over", 32, float("inf")))
 
 
-def _iou(box, others: np.ndarray) -> np.ndarray:
-    if len(others) == 0:
-        return np.zeros(0)
-    x0 = np.maximum(box[0], others[:, 0])
-    y0 = np.maximum(box[1], others[:, 1])
-    x1 = np.minimum(box[2], others[:, 2])
-    y1 = np.minimum(box[3], others[:, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-9)
-
-
 @dataclass
 class PhotoDetections:
     """One photo for average precision: its annotated faces and what was found, in photo pixels."""
@@ -373,7 +361,7 @@ def with_true_classes(photos: list[PhotoDetections], iou_threshold: float = 0.5)
     for photo in photos:
         scores = photo.found_scores.copy()
         for index, (box, face_score) in enumerate(zip(photo.found_boxes, photo.face_scores)):
-            overlaps = _iou(box, photo.truth_boxes)
+            overlaps = box_iou(box, photo.truth_boxes)
             if overlaps.size and overlaps.max() >= iou_threshold:
                 scores[index] = 0.0
                 scores[index, photo.truth_classes[int(overlaps.argmax())]] = face_score
@@ -397,7 +385,7 @@ def detection_confusion(photos: list[PhotoDetections], num_classes: int, min_fac
             if face_scores[index] < min_face_score:
                 break
             predicted = int(photo.found_scores[index].argmax())
-            overlaps = np.where(free, _iou(photo.found_boxes[index], photo.truth_boxes), -1.0)
+            overlaps = np.where(free, box_iou(photo.found_boxes[index], photo.truth_boxes), -1.0)
             if overlaps.size and overlaps.max() >= iou_threshold:
                 match = int(overlaps.argmax())
                 free[match] = False
@@ -441,7 +429,7 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
             size = min(box[2] - box[0], box[3] - box[1])
             bucket = next(name for name, low, high in SIZE_BUCKETS if low <= size < high)
             matched_by_size[bucket][1] += 1
-            matched_by_size[bucket][0] += int((_iou(box, found) >= iou_threshold).any())
+            matched_by_size[bucket][0] += int((box_iou(box, found) >= iou_threshold).any())
         scored.append(PhotoDetections(image.shape[1], image.shape[0], truth_boxes,
                                       truth["label"].map(class_names.index).to_numpy(), found,
                                       class_scores(detections, class_names, face_score_power)))
@@ -503,7 +491,7 @@ def fit_box_adjustment(face_detector, faces: pd.DataFrame, min_iou: float = 0.3,
                                   disable=not progress):
         found = np.array([face.box for face in face_detector.detect(read_image(image_path))], float).reshape(-1, 4)
         for box in truth[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=float):
-            overlaps = _iou(box, found)
+            overlaps = box_iou(box, found)
             if overlaps.size and overlaps.max() > min_iou:
                 truth_boxes.append(box)
                 found_boxes.append(found[int(overlaps.argmax())])

@@ -118,6 +118,35 @@ def crop_box(
     return x0, y0, x1, y1
 
 
+def box_iou(box, others: np.ndarray) -> np.ndarray:
+    """Intersection over union of one (x0, y0, x1, y1) box with each row of an N x 4 array."""
+    others = np.asarray(others, float).reshape(-1, 4)
+    x0 = np.maximum(box[0], others[:, 0])
+    y0 = np.maximum(box[1], others[:, 1])
+    x1 = np.minimum(box[2], others[:, 2])
+    y1 = np.minimum(box[3], others[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def match_boxes(boxes: np.ndarray, others: np.ndarray, min_iou: float) -> dict[int, int]:
+    """Pairs of boxes that are the same thing: index in `boxes` -> index in `others`, taken greedily from the
+    highest overlap down to `min_iou`, each box in at most one pair."""
+    overlaps = np.array([box_iou(box, others) for box in boxes]).reshape(len(boxes), len(others))
+    matched: dict[int, int] = {}
+    used: set[int] = set()
+    for flat in np.argsort(-overlaps, axis=None, kind="stable"):
+        index, other = divmod(int(flat), overlaps.shape[1])
+        if overlaps[index, other] < min_iou:
+            break
+        if index not in matched and other not in used:
+            matched[index] = other
+            used.add(other)
+    return matched
+
+
 def resize_face(face: np.ndarray, spec: CropSpec) -> np.ndarray:
     if face.shape[:2] == (spec.size, spec.size):
         return np.ascontiguousarray(face, dtype=np.uint8)

@@ -12,13 +12,15 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from maskwatch.detect import MaskDetector, draw_detections
+from maskwatch.config import RealtimeConfig
+from maskwatch.detect import Detection, MaskDetector, draw_detections
+from maskwatch.preprocessing import match_boxes
 
 
 class VideoSourceError(RuntimeError):
@@ -88,6 +90,55 @@ class FrameReader:
 
 
 @dataclass
+class _Track:
+    track_id: int
+    box: tuple[int, int, int, int]
+    probabilities: np.ndarray
+    missed: int = 0
+
+
+class FaceTracker:
+    """Follows faces from frame to frame and steadies their labels.
+
+    A small face's class can change with a pixel of camera shake; the person's mask does not. Each face is matched
+    to a face of the frames before by box overlap (greedy, highest IoU first, at least `track_min_iou`), and its
+    class probabilities become a moving average: p = smoothing * p_before + (1 - smoothing) * p_frame. A face
+    with no match starts a track; a track unseen for more than `track_max_missed` frames ends.
+    """
+
+    def __init__(self, config: RealtimeConfig):
+        self.config = config
+        self.tracks: list[_Track] = []
+        self._next_id = 0
+
+    def update(self, detections: list[Detection]) -> list[Detection]:
+        """One frame's detections -> the same faces with track ids and smoothed probabilities, label and score."""
+        pairs = match_boxes([d.box for d in detections], [t.box for t in self.tracks], self.config.track_min_iou)
+        track_of = {index: self.tracks[track] for index, track in pairs.items()}
+        smoothing = self.config.smoothing
+        started, updated = [], []
+        for index, detection in enumerate(detections):
+            names, frame_probabilities = list(detection.probabilities), np.array(list(detection.probabilities.values()))
+            track = track_of.get(index)
+            if track is None:
+                track = _Track(self._next_id, detection.box, frame_probabilities)
+                self._next_id += 1
+                started.append(track)
+            else:
+                track.box, track.missed = detection.box, 0
+                track.probabilities = smoothing * track.probabilities + (1.0 - smoothing) * frame_probabilities
+            best = int(np.argmax(track.probabilities))
+            updated.append(replace(detection, label=names[best], score=float(track.probabilities[best]),
+                                   probabilities={n: float(p) for n, p in zip(names, track.probabilities)},
+                                   track_id=track.track_id))
+        matched_tracks = set(pairs.values())
+        for index, track in enumerate(self.tracks):
+            track.missed += index not in matched_tracks
+        self.tracks = [t for t in self.tracks if t.missed <= self.config.track_max_missed] + started
+        return updated
+
+
+@dataclass
 class StageTimes:
     capture: list[float] = field(default_factory=list)
     detect: list[float] = field(default_factory=list)
@@ -126,8 +177,9 @@ def open_display(window: str) -> None:
 
 def run_video(mask_detector: MaskDetector, source: int | str, display: bool = True, output: Path | None = None,
               json_path: Path | None = None, max_frames: int | None = None, latest_only: bool | None = None,
-              window: str = "maskwatch") -> RunSummary:
-    """The loop: read, detect + classify, draw with FPS, show / write. `q` or Ctrl-C stops and releases."""
+              window: str = "maskwatch", tracker: FaceTracker | None = None) -> RunSummary:
+    """The loop: read, detect + classify (and, with a tracker, follow faces and steady their labels), draw with
+    FPS, show / write. `q` or Ctrl-C stops and releases."""
     if display:
         open_display(window)
     reader = FrameReader(source, latest_only)
@@ -151,6 +203,8 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
             t1 = time.perf_counter()
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             detections = mask_detector.detect(rgb)
+            if tracker is not None:
+                detections = tracker.update(detections)
             t2 = time.perf_counter()
             recent.append(t2)
             fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0

@@ -84,14 +84,14 @@ def test_overfits_one_batch(two_photos):
     assert history[-1] < 0.2 * history[0], history[::10]
     # Batch statistics, as in the steps: 60 steps are too few for BatchNormalization's moving averages.
     heads = keras.ops.convert_to_numpy(model(images, training=True))
-    from maskwatch.evaluate import _iou
+    from maskwatch.preprocessing import box_iou
 
     matched = total = 0
     for i, (image, boxes) in enumerate(zip(photos.images, photos.boxes)):
         _, scale = centernet.letterbox(image, 256)
         found, _, _ = centernet.decode(heads[i], scale, score_threshold=0.2)
         total += len(boxes)
-        matched += sum(int((_iou(box, found) >= 0.5).any()) for box in boxes)
+        matched += sum(int((box_iou(box, found) >= 0.5).any()) for box in boxes)
     assert matched >= 0.7 * total, (matched, total)
 
 

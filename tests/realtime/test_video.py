@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maskwatch.realtime import FrameReader, VideoSourceError, make_test_video, run_video
+from maskwatch.config import RealtimeConfig
+from maskwatch.preprocessing import match_boxes
+from maskwatch.realtime import FaceTracker, FrameReader, VideoSourceError, make_test_video, run_video
 
 MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
 
@@ -41,12 +43,19 @@ def test_sideways_phone_video_is_read_upright():
 
 def test_headless_run_writes_video_and_per_frame_json(mask_detector, test_video, tmp_path):
     summary = run_video(mask_detector, str(test_video), display=False, output=tmp_path / "out.mp4",
-                        json_path=tmp_path / "frames.jsonl")
+                        json_path=tmp_path / "frames.jsonl", tracker=FaceTracker(RealtimeConfig()))
     assert summary.frames == 12 and summary.fps > 0 and summary.faces >= 12
     assert set(summary.stage_ms) == {"capture", "detect", "classify", "draw", "output"}
     lines = [json.loads(line) for line in (tmp_path / "frames.jsonl").read_text().splitlines()]
     assert [line["frame"] for line in lines] == list(range(12))
     assert all(len(line["detections"]) >= 1 for line in lines)
+    # Each photo is held for 4 frames: a face found again in the next frame keeps its track.
+    tracks = [[d["track_id"] for d in line["detections"]] for line in lines]
+    boxes = [[d["box"] for d in line["detections"]] for line in lines]
+    assert all(isinstance(t, int) for frame in tracks for t in frame)
+    for frame in (i for i in range(12) if i % 4):
+        again = match_boxes(boxes[frame], boxes[frame - 1], min_iou=0.5)
+        assert again and all(tracks[frame][a] == tracks[frame - 1][b] for a, b in again.items()), tracks
     written = cv2.VideoCapture(str(tmp_path / "out.mp4"))
     assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
     ok, frame = written.read()
@@ -81,6 +90,8 @@ def test_webcam_command_headless(tiny_bundle, test_video, yunet_path, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "12 frames" in out.stderr and "FPS" in out.stderr and "detect" in out.stderr
+    frames = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert all(isinstance(d["track_id"], int) for frame in frames for d in frame["detections"])  # tracked by default
     no_gui = subprocess.run([MASKWATCH, "webcam", "--source", str(test_video), "--model", str(tiny_bundle)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert no_gui.returncode == 2 and "--no-display" in no_gui.stderr

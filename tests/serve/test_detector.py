@@ -65,7 +65,8 @@ def test_box_adjustment_fitted_on_training_photos_moves_boxes_onto_the_annotatio
     """YuNet boxes include the forehead: the fit moves them down and makes them shorter, and with the fit
     more annotated faces are matched at IoU 0.5 on photos it did not see."""
     from maskwatch.data import scan_dataset
-    from maskwatch.evaluate import _iou, fit_box_adjustment
+    from maskwatch.evaluate import fit_box_adjustment
+    from maskwatch.preprocessing import box_iou
 
     faces = scan_dataset(data_dir).faces
     photos = sorted(faces["image_path"].unique())
@@ -78,8 +79,9 @@ def test_box_adjustment_fitted_on_training_photos_moves_boxes_onto_the_annotatio
     def matched(config):
         detector, hits = create_face_detector(config, num_threads=1), 0
         for path, truth in check_on.groupby("image_path"):
-            found = np.array([f.box for f in detector.detect(read_image(path))], float).reshape(-1, 4)
-            hits += sum((_iou(box, found) >= 0.5).any() for box in truth[["xmin", "ymin", "xmax", "ymax"]].to_numpy())
+            found = [f.box for f in detector.detect(read_image(path))]
+            truth_boxes = truth[["xmin", "ymin", "xmax", "ymax"]].to_numpy()
+            hits += sum((box_iou(box, found) >= 0.5).any() for box in truth_boxes)
         return hits
 
     assert matched(raw.model_copy(update={"box_adjust": tuple(fitted["box_adjust"])})) > matched(raw)
@@ -106,9 +108,9 @@ def test_small_photos_are_enlarged_once_and_boxes_come_back_in_photo_pixels(yune
 
 
 def _overlap(a, b) -> float:
-    from maskwatch.evaluate import _iou
+    from maskwatch.preprocessing import box_iou
 
-    return float(_iou(np.array(a, float), np.array([b], float))[0])
+    return float(box_iou(np.array(a, float), np.array([b], float))[0])
 
 
 def test_trained_detector_without_a_model_file_is_a_clear_error(tmp_path):
