@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import logging
 import os
 import threading
@@ -272,7 +273,8 @@ def create_app(settings: Settings | None = None, mask_detector: MaskDetector | N
 
     @app.get("/live")
     def live():
-        return Response(_page("live.html"), mimetype="text/html")
+        page = _page("live.html").replace("__REALTIME__", json.dumps(settings.realtime.model_dump()))
+        return Response(page, mimetype="text/html")
 
     return app
 

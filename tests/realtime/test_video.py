@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from maskwatch.config import RealtimeConfig
+from maskwatch.detect import Detection
 from maskwatch.preprocessing import match_boxes
 from maskwatch.realtime import FaceTracker, FrameReader, VideoSourceError, make_test_video, run_video
 
@@ -192,6 +193,60 @@ def test_live_page_draws_boxes_from_a_fake_camera(playwright_session, gunicorn_s
                                timeout=60_000)
         labels = json.loads(page.get_attribute("#overlay", "data-labels"))
         assert set(labels) <= {"with_mask", "without_mask", "mask_weared_incorrect"}
+        tracks = json.loads(page.get_attribute("#overlay", "data-tracks"))
+        assert len(tracks) == len(labels) and all(isinstance(t, int) for t in tracks)
         page.screenshot(path=str(tmp_path / "live.png"))
     finally:
         browser.close()
+
+
+def moving_faces(frames: int = 60, seed: int = 0) -> list[list[Detection]]:
+    """Faces drifting about a 640x480 frame, two of them side by side, with random class probabilities; some
+    are missed for a frame, one is gone for 8 frames and one jumps across the frame, and each frame lists its
+    faces in another order."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[100.0, 100.0], [140.0, 104.0], [400.0, 300.0], [520.0, 90.0]])
+    sizes = np.array([40, 36, 24, 60])
+    sequence = []
+    for frame in range(frames):
+        centres += rng.normal(0, 3, centres.shape)
+        if frame == 30:
+            centres[3] = [300.0, 400.0]
+        detections = []
+        for face, (centre, size) in enumerate(zip(centres, sizes)):
+            if rng.random() < 0.15 or (face == 2 and 20 <= frame < 28):
+                continue
+            x0, y0 = (int(v) for v in np.round(centre - size / 2))
+            p = rng.dirichlet([2, 1, 0.5])
+            detections.append(Detection((x0, y0, x0 + int(size), y0 + int(size)), "", 0.0,
+                                        {"with_mask": p[0], "without_mask": p[1], "mask_weared_incorrect": p[2]}, 0.9))
+        sequence.append([detections[i] for i in rng.permutation(len(detections))])
+    return sequence
+
+
+def test_live_page_tracker_gives_the_python_trackers_answers(browser, gunicorn_server):
+    """The /live page steadies labels in JavaScript with the server's realtime settings: it must give
+    realtime.FaceTracker's track ids, labels and probabilities for the same faces, at the defaults and at
+    settings where the two weights of the average differ."""
+    sequence = moving_faces()
+    faces = [[{**d.to_dict(), "box": list(d.box)} for d in frame] for frame in sequence]
+    replay = "([config, frames]) => { const t = new FaceTracker(config); return frames.map(f => t.update(f)); }"
+    page = browser.new_page()
+    try:
+        page.goto(gunicorn_server + "/live")
+        assert page.evaluate("REALTIME") == RealtimeConfig().model_dump()
+        for config in (RealtimeConfig(), RealtimeConfig(smoothing=0.8, track_min_iou=0.4, track_max_missed=2)):
+            answered = page.evaluate(replay, [config.model_dump(), faces])
+            tracker = FaceTracker(config)
+            expected = [[d.to_dict() for d in tracker.update(frame)] for frame in sequence]
+            for key in ("track_id", "label"):
+                assert [[d[key] for d in f] for f in answered] == [[d[key] for d in f] for f in expected], key
+            for got, wanted in zip((d for frame in answered for d in frame), (d for frame in expected for d in frame)):
+                assert got["probabilities"] == pytest.approx(wanted["probabilities"], abs=1e-12)
+                assert got["score"] == pytest.approx(wanted["score"], abs=1e-12)
+            # The sequence exercises what the tracker does: tracks ended and started again, and labels steadied.
+            assert len({d["track_id"] for frame in expected for d in frame}) > 4
+            raw = [max(d.probabilities, key=d.probabilities.get) for frame in sequence for d in frame]
+            assert sum(a != d["label"] for a, d in zip(raw, (d for frame in expected for d in frame))) > 5
+    finally:
+        page.close()
