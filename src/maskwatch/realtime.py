@@ -11,7 +11,7 @@ import queue
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -158,11 +158,16 @@ class RunSummary:
     faces: int
     dropped: int
     stage_ms: dict[str, float]
+    tracks_by_label: dict[str, int] | None = None  # followed faces by their last label (with a tracker)
 
     def to_text(self) -> str:
         stages = "  ".join(f"{k} {v:.1f} ms" for k, v in self.stage_ms.items())
-        return (f"{self.frames} frames in {self.seconds:.1f} s = {self.fps:.1f} FPS, {self.faces} faces, "
+        text = (f"{self.frames} frames in {self.seconds:.1f} s = {self.fps:.1f} FPS, {self.faces} faces, "
                 f"{self.dropped} stale frames skipped\nper frame: {stages}")
+        if self.tracks_by_label is not None:
+            labels = ", ".join(f"{label} {count}" for label, count in self.tracks_by_label.items())
+            text += f"\nfaces followed: {sum(self.tracks_by_label.values())} ({labels or 'none'})"
+        return text
 
 
 def open_display(window: str) -> None:
@@ -185,6 +190,7 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
     reader = FrameReader(source, latest_only)
     writer, json_file = None, None
     times, recent = StageTimes(), deque(maxlen=30)
+    last_label: dict[int | None, str] = {}
     frames = faces = 0
     stop = threading.Event()
     previous_handler = signal.getsignal(signal.SIGINT)
@@ -230,6 +236,7 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
             times.output.append((t4 - t3) * 1e3)
             frames += 1
             faces += len(detections)
+            last_label.update((d.track_id, d.label) for d in detections)
     finally:
         reader.close()
         if writer is not None:
@@ -241,7 +248,9 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
     seconds = time.perf_counter() - started
-    return RunSummary(frames, seconds, frames / seconds if seconds else 0.0, faces, reader.dropped, times.summary())
+    tracks_by_label = dict(Counter(last_label.values()).most_common()) if tracker is not None else None
+    return RunSummary(frames, seconds, frames / seconds if seconds else 0.0, faces, reader.dropped, times.summary(),
+                      tracks_by_label)
 
 
 def _open_writer(path: Path, shape, fps: float):

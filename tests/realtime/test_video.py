@@ -54,6 +54,10 @@ def test_headless_run_writes_video_and_per_frame_json(mask_detector, test_video,
     tracks = [[d["track_id"] for d in line["detections"]] for line in lines]
     boxes = [[d["box"] for d in line["detections"]] for line in lines]
     assert all(isinstance(t, int) for frame in tracks for t in frame)
+    assert sum(summary.tracks_by_label.values()) == len({t for frame in tracks for t in frame})
+    last = {d["track_id"]: d["label"] for line in lines for d in line["detections"]}
+    assert summary.tracks_by_label == {label: list(last.values()).count(label) for label in set(last.values())}
+    assert "faces followed" in summary.to_text()
     for frame in (i for i in range(12) if i % 4):
         again = match_boxes(boxes[frame], boxes[frame - 1], min_iou=0.5)
         assert again and all(tracks[frame][a] == tracks[frame - 1][b] for a, b in again.items()), tracks
@@ -91,6 +95,7 @@ def test_webcam_command_headless(tiny_bundle, test_video, yunet_path, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "12 frames" in out.stderr and "FPS" in out.stderr and "detect" in out.stderr
+    assert "faces followed" in out.stderr
     frames = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert all(isinstance(d["track_id"], int) for frame in frames for d in frame["detections"])  # tracked by default
     no_gui = subprocess.run([MASKWATCH, "webcam", "--source", str(test_video), "--model", str(tiny_bundle)],
