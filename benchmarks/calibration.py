@@ -53,9 +53,7 @@ class TemperedPredictor:
 def crop_probabilities(predictor, frame, batch_size: int = 64) -> np.ndarray:
     from maskwatch.preprocessing import read_image
 
-    crops = [read_image(path) for path in frame["crop_path"]]
-    return np.concatenate([predictor.predict_inputs(np.stack(crops[i:i + batch_size]))
-                           for i in range(0, len(crops), batch_size)])
+    return predictor.predict_inputs(np.stack([read_image(path) for path in frame["crop_path"]]), batch_size)
 
 
 def main(argv=None):

@@ -387,14 +387,17 @@ class Predictor:
 
         return cls.from_path(resolve_model_uri(uri, settings), runtime or settings.serve.runtime, num_threads)
 
-    def predict_inputs(self, faces: np.ndarray) -> np.ndarray:
-        """faces: N x S x S x 3 uint8 RGB (already through the stem) -> N x C probabilities."""
+    def predict_inputs(self, faces: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """faces: N x S x S x 3 uint8 RGB (already through the stem) -> N x C probabilities; with batch_size,
+        in batches of at most that many (memory stays flat for a whole split)."""
         if len(faces) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
         size = self.metadata.input_size
         if np.shape(faces)[1:] != (size, size, 3):
             raise ValueError(f"faces must be N x {size} x {size} x 3 (this model's input), not {np.shape(faces)}")
-        return apply_class_bias(self._infer(np.asarray(faces, dtype=np.float32)), self.class_log_bias)
+        step = batch_size or len(faces)
+        return np.concatenate([apply_class_bias(self._infer(np.asarray(faces[i:i + step], dtype=np.float32)),
+                                                self.class_log_bias) for i in range(0, len(faces), step)])
 
     def classify_crops(self, crops: list[np.ndarray]) -> np.ndarray:
         """Already-cropped faces of any size: resized exactly as training crops were."""

@@ -176,9 +176,7 @@ def parity_report(bundle: Path, test_df: pd.DataFrame, runtimes: list[str], batc
     truth = test_df["label"].to_numpy()
 
     def run(runtime: str) -> np.ndarray:
-        predictor = Predictor.from_path(bundle, runtime)
-        return np.concatenate([predictor.predict_inputs(crops[i:i + batch_size])
-                               for i in range(0, len(crops), batch_size)])
+        return Predictor.from_path(bundle, runtime).predict_inputs(crops, batch_size)
 
     reference = run("keras")
     names = np.array(read_metadata(bundle).class_names)

@@ -107,6 +107,16 @@ def test_predictor_crops_like_the_training_stem(mask_detector, small_prepared):
     np.testing.assert_array_equal(crop, read_image(face.crop_path))
 
 
+def test_predictor_in_batches_gives_the_same_probabilities(mask_detector, small_prepared):
+    from maskwatch.preprocessing import read_image
+
+    crops = np.stack([read_image(path) for path in small_prepared.test_df["crop_path"]])
+    predictor = mask_detector.predictor
+    whole = predictor.predict_inputs(crops)
+    assert len(crops) > 4 and whole.shape == (len(crops), 3)
+    np.testing.assert_allclose(predictor.predict_inputs(crops, batch_size=4), whole, atol=1e-6)
+
+
 def bomb_png(width=60000, height=60000) -> bytes:
     """A tiny PNG whose header claims 3.6 billion pixels."""
     def chunk(kind, data):
