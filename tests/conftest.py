@@ -122,6 +122,20 @@ def mask_detector(serve_settings):
     return MaskDetector.from_settings(serve_settings)
 
 
+@pytest.fixture(scope="module")
+def client(serve_settings, mask_detector):
+    """The Flask app in a test client (real model and YuNet; no server)."""
+    from maskwatch.serve import create_app
+
+    return create_app(serve_settings, mask_detector=mask_detector).test_client()
+
+
+@pytest.fixture(scope="module")
+def photo_bytes(data_dir):
+    """A data-set photo with three annotated faces, as its file's bytes."""
+    return (data_dir / "images" / "maksssksksss0.jpg").read_bytes()
+
+
 def cli_env(work: Path, data_dir: Path) -> dict:
     """Environment for a CLI run in `work`: the real data set, artifacts and the SQLite store kept inside it."""
     env = {**os.environ, "MASKWATCH_DATA_DIR": str(data_dir), "MASKWATCH_WORK_DIR": str(work / "artifacts")}

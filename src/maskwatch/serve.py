@@ -271,6 +271,10 @@ def create_app(settings: Settings | None = None, mask_detector: MaskDetector | N
     def index():
         return Response(_page("index.html"), mimetype="text/html")
 
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(openapi_spec())
+
     @app.get("/live")
     def live():
         page = _page("live.html").replace("__REALTIME__", json.dumps(settings.realtime.model_dump()))
@@ -285,6 +289,17 @@ def _truthy(value: str | None) -> bool:
 
 def _page(name: str) -> str:
     return resources.files("maskwatch").joinpath("web", name).read_text()
+
+
+def openapi_spec() -> dict:
+    """The API's OpenAPI 3.1 description (web/openapi.yaml), at this package's version."""
+    import yaml
+
+    from maskwatch import __version__
+
+    spec = yaml.safe_load(_page("openapi.yaml"))
+    spec["info"]["version"] = __version__
+    return spec
 
 
 def gunicorn_command(bind: str, workers: int) -> list[str]:

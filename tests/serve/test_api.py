@@ -11,19 +11,6 @@ import pytest
 
 from maskwatch.serve import create_app
 
-MULTI_FACE_PHOTO = "maksssksksss0.jpg"  # three annotated faces
-
-
-@pytest.fixture(scope="module")
-def client(serve_settings, mask_detector):
-    return create_app(serve_settings, mask_detector=mask_detector).test_client()
-
-
-@pytest.fixture(scope="module")
-def photo_bytes(data_dir):
-    return (data_dir / "images" / MULTI_FACE_PHOTO).read_bytes()
-
-
 def png_bytes(array):
     ok, encoded = cv2.imencode(".png", array)
     return encoded.tobytes()
