@@ -190,7 +190,7 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
     reader = FrameReader(source, latest_only)
     writer, json_file = None, None
     times, recent = StageTimes(), deque(maxlen=30)
-    last_label: dict[int | None, str] = {}
+    last_label: dict[int, str] = {}  # each followed face's latest label
     frames = faces = 0
     stop = threading.Event()
     previous_handler = signal.getsignal(signal.SIGINT)
@@ -211,6 +211,7 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
             detections = mask_detector.detect(rgb)
             if tracker is not None:
                 detections = tracker.update(detections)
+                last_label.update((d.track_id, d.label) for d in detections)
             t2 = time.perf_counter()
             recent.append(t2)
             fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
@@ -236,7 +237,6 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
             times.output.append((t4 - t3) * 1e3)
             frames += 1
             faces += len(detections)
-            last_label.update((d.track_id, d.label) for d in detections)
     finally:
         reader.close()
         if writer is not None:
