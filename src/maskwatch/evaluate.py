@@ -11,7 +11,7 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, recall_score
 
 from maskwatch.config import CLASS_NAMES
-from maskwatch.preprocessing import box_iou
+from maskwatch.preprocessing import box_iou, read_image
 
 MINORITY_CLASS = "mask_weared_incorrect"
 CALIBRATION_METRICS = ("ece", "brier", "log_loss")
@@ -411,8 +411,6 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
     """
     from tqdm.auto import tqdm
 
-    from maskwatch.preprocessing import read_image
-
     class_names = list(class_names)
     scored: list[PhotoDetections] = []
     matched_by_size = {name: [0, 0] for name, _, _ in SIZE_BUCKETS}
@@ -483,8 +481,6 @@ def fit_box_adjustment(face_detector, faces: pd.DataFrame, min_iou: float = 0.3,
     detector.box_adjust values (dx, dy, sw, sh) with the number of pairs they rest on.
     """
     from tqdm.auto import tqdm
-
-    from maskwatch.preprocessing import read_image
 
     truth_boxes, found_boxes = [], []
     for image_path, truth in tqdm(list(faces.groupby("image_path", sort=True)), desc="fitting boxes", unit="photo",
