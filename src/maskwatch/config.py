@@ -182,7 +182,8 @@ class ServeConfig(_Section):
         "litert", description="Classifier runtime; float LiteRT is the fastest measured (benchmarks/runtimes.py).")
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
-    api_key: str | None = None
+    api_key: str | None = Field(None, pattern=r"^[!-~]*$", description=(
+        "X-API-Key for the prediction routes: printable ASCII without spaces (a header value); empty = none."))
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2

@@ -83,7 +83,8 @@ def images_from_request(field_names: tuple[str, ...], json_key: str) -> list[byt
     if content_type == "multipart/form-data":
         files = [f for name in field_names for f in request.files.getlist(name)]
         if not files:
-            sent = sorted(set(request.files) | set(request.form))
+            # A part whose name werkzeug cannot parse (a line break in it) comes back as None.
+            sent = sorted(str(name) for name in set(request.files) | set(request.form))
             raise ApiError(400, "missing_field", f"send the image in a multipart field named "
                                                  f"{' or '.join(repr(n) for n in field_names)} (got {sent or 'none'})")
         return [f.read() for f in files]
@@ -168,7 +169,9 @@ def create_app(settings: Settings | None = None, mask_detector: MaskDetector | N
 
     def require_key() -> None:
         key = settings.serve.api_key
-        if key and not hmac.compare_digest(request.headers.get("X-API-Key", ""), key):
+        # As bytes: compare_digest raises on non-ASCII text, and a client may send any header bytes.
+        sent = request.headers.get("X-API-Key", "").encode("utf-8", "surrogatepass")
+        if key and not hmac.compare_digest(sent, key.encode("ascii")):
             raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
 
     @app.before_request

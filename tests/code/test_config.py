@@ -38,6 +38,9 @@ def test_unknown_keys_and_bad_values_are_rejected(tmp_path):
         load_settings(None, "full", {"train": {"phase_one_epochs": 3}}, environ={})
     with pytest.raises(ValidationError):
         load_settings(None, "full", {"train": {"imbalance": "smote"}}, environ={})
+    for key in ("two words", "cl\u00e9"):  # an HTTP header value the client can send as typed
+        with pytest.raises(ValidationError, match="api_key"):
+            load_settings(None, "full", environ={"MASKWATCH_API_KEY": key})
     with pytest.raises(ValueError, match="unknown preset"):
         load_settings(None, "fast", environ={})
     with pytest.raises(FileNotFoundError):

@@ -121,6 +121,11 @@ def bomb_png(width=60000, height=60000) -> bytes:
     ({"data": "just text", "content_type": "text/plain"}, 415, "unsupported_media_type"),
     ({"data": {"picture": (io.BytesIO(b"\xff\xd8\xff"), "x.jpg")}}, 400, "missing_field"),
     ({"json": {"img": "abc"}}, 400, "missing_field"),
+    # A line break in a part's name makes werkzeug name it None; beside a named part, listing the names sent
+    # compared None with a string (found by the schema fuzz test: it was a 500).
+    ({"data": b'--B\r\nContent-Disposition: form-data; name="a\nb"\r\n\r\nv\r\n'
+              b'--B\r\nContent-Disposition: form-data; name="c"\r\n\r\nv\r\n--B--\r\n',
+      "content_type": "multipart/form-data; boundary=B"}, 400, "missing_field"),
     ({"json": {"image": "@@not base64@@"}}, 400, "malformed_base64"),
     ({"json": {"image": 12}}, 400, "malformed_field"),
     ({"data": "{not json", "content_type": "application/json"}, 400, "malformed_json"),
@@ -149,6 +154,9 @@ def test_api_key_protects_prediction_routes(serve_settings, mask_detector, photo
     assert_error(client.post("/v1/predict", data=photo_bytes, content_type="image/jpeg"), 401, "unauthorized")
     assert_error(client.post("/v1/predict", data=photo_bytes, content_type="image/jpeg",
                              headers={"X-API-Key": "wrong"}), 401, "unauthorized")
+    # A non-ASCII header was a 500: hmac.compare_digest refuses non-ASCII text.
+    assert_error(client.post("/v1/predict", data=photo_bytes, content_type="image/jpeg",
+                             headers={"X-API-Key": "s3cr\xe9t"}), 401, "unauthorized")
     ok = client.post("/v1/predict", data=photo_bytes, content_type="image/jpeg", headers={"X-API-Key": "s3cret"})
     assert ok.status_code == 200
     assert client.get("/health").status_code == 200  # health stays open
