@@ -4,7 +4,8 @@ Schemathesis writes requests from the description: valid ones (any bytes as an i
 JPEGs) and, for the POST routes, ones that break it (wrong types, missing fields, odd field names). Every answer
 must be no 5xx, a status the description lists for that route, its content type, and a body that matches its
 schema. It found a 500 (a multipart part whose name holds a line break), which test_api.py now keeps as a
-fixed case. The slow tier runs ten times as many requests.
+fixed case. The POST routes are fuzzed twice: in Flask's test client and over HTTP through gunicorn. The slow
+tier sends ten times as many requests to the test client.
 """
 
 import pytest
@@ -30,6 +31,11 @@ INPUT_CASES = [(method, path, mode) for method, path in INPUT_ROUTES
 @pytest.fixture(scope="module")
 def api_schema(client):
     return schemathesis.openapi.from_wsgi("/openapi.json", client.application)
+
+
+@pytest.fixture(scope="module")
+def served_api_schema(gunicorn_server):
+    return schemathesis.openapi.from_url(gunicorn_server + "/openapi.json")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +69,13 @@ def test_generated_requests_get_described_answers(api_schema, method, path, mode
     assert 400 in statuses  # broken input was among them, and refused as the client's fault
     if mode == GenerationMode.POSITIVE:
         assert 200 in statuses  # and some valid images were classified
+
+
+@pytest.mark.parametrize("method, path, mode", INPUT_CASES, ids=[f"{m} {p} {g.value}" for m, p, g in INPUT_CASES])
+def test_through_gunicorn_generated_requests_get_described_answers(served_api_schema, method, path, mode):
+    """The same over HTTP: gunicorn parses the requests, not the test client."""
+    statuses = fuzz(served_api_schema, method, path, mode, 60)
+    assert sum(statuses.values()) == 60 and 400 in statuses
 
 
 @pytest.mark.parametrize("method, path", FIXED_ROUTES, ids=[f"{m} {p}" for m, p in FIXED_ROUTES])
