@@ -144,6 +144,16 @@ def cli_env(work: Path, data_dir: Path) -> dict:
     return env
 
 
+# 49 bytes: a 32x24 PNG whose IDAT chunk claims 4 GB. OpenCV allocated it all (8 s, 4 GB) before giving up; found
+# by fuzzing decode_upload (tests/fuzz/decode_fuzz.py).
+PNG_CHUNK_BOMB = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00 \x00\x00\x00\x18\x10\x00\x00\x00\x00\xee\xa8|\xab"
+                  b"\xff\xff\x04!IDAT8\x1e'\xb3\xe2\x00`\x82")
+# 55 bytes: a BMP 2,097,184 x 1 pixels (under the pixel limit) that OpenCV refuses by raising, which was a 500;
+# found by the same fuzzing.
+BMP_TOO_WIDE = (b"BM6\t\x00\x01\x00\xaa\x00\x006\x00\x00\x00(\x00\x00\x00 \x00 \x00\x01\x00\x00\x00\x00\x00"
+                b"\x18\x00\x00\x00\x00\x007\x00\x00\x00\x00\x003Po\xa0a\xc6\xa3JT\x8a*s\xd7\xa5\xc6")
+
+
 def phone_jpeg(pixels) -> bytes:
     """A PIL image as a phone stores a photo taken sideways: the pixels as they are, in a JPEG tagged with EXIF
     orientation 6 ("rotate 90 degrees clockwise to display")."""

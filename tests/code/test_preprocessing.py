@@ -3,7 +3,7 @@ import io
 import cv2
 import numpy as np
 import pytest
-from conftest import phone_jpeg
+from conftest import BMP_TOO_WIDE, PNG_CHUNK_BOMB, phone_jpeg
 from PIL import Image
 
 from maskwatch.preprocessing import (CropSpec, ImageDecodeError, PixelLimitError, crop_box, decode_image,
@@ -85,6 +85,21 @@ def test_decode_rejects_truncated_jpeg(data_dir):
     data = (data_dir / "images" / "maksssksksss0.jpg").read_bytes()
     with pytest.raises(ImageDecodeError):
         decode_image(data[:200])
+
+
+def test_a_png_chunk_longer_than_the_file_is_refused_before_decoding(data_dir):
+    with pytest.raises(ImageDecodeError, match="chunk b'IDAT' claims 4294902817 bytes"):
+        decode_image(PNG_CHUNK_BOMB)
+    photo = cv2.imread(str(data_dir / "images" / "maksssksksss0.jpg"))
+    png = cv2.imencode(".png", photo)[1].tobytes()
+    with pytest.raises(ImageDecodeError, match="claims"):
+        decode_image(png[: len(png) // 2])  # truncated in the middle of a chunk
+    assert np.array_equal(decode_image(png), photo[..., ::-1])  # a whole PNG decodes as before
+
+
+def test_opencv_refusing_an_image_is_a_decode_error_not_a_crash():
+    with pytest.raises(ImageDecodeError, match="OpenCV refused the image: .*CV_IO_MAX_IMAGE_WIDTH"):
+        decode_image(BMP_TOO_WIDE, max_pixels=4_000_000)
 
 
 def test_pixel_limit_refuses_before_decoding():

@@ -8,6 +8,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from conftest import BMP_TOO_WIDE, PNG_CHUNK_BOMB
 
 from maskwatch.serve import create_app
 
@@ -130,6 +131,8 @@ def bomb_png(width=60000, height=60000) -> bytes:
     ({"json": {"image": 12}}, 400, "malformed_field"),
     ({"data": "{not json", "content_type": "application/json"}, 400, "malformed_json"),
     ({"data": bomb_png(), "content_type": "image/png"}, 413, "too_many_pixels"),
+    ({"data": PNG_CHUNK_BOMB, "content_type": "image/png"}, 400, "corrupt_image"),
+    ({"data": BMP_TOO_WIDE, "content_type": "image/bmp"}, 400, "corrupt_image"),
     ({"data": b"\xff\xd8\xff" + b"\x00" * 2_100_000, "content_type": "image/jpeg"}, 413, "payload_too_large"),
 ])
 def test_bad_input_gets_a_clear_json_error(client, kwargs, status, code):
