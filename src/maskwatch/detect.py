@@ -14,7 +14,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import cv2
 import numpy as np
@@ -399,8 +399,9 @@ class Predictor:
         return np.concatenate([apply_class_bias(self._infer(np.asarray(faces[i:i + step], dtype=np.float32)),
                                                 self.class_log_bias) for i in range(0, len(faces), step)])
 
-    def classify_crops(self, crops: list[np.ndarray]) -> np.ndarray:
-        """Already-cropped faces of any size: resized exactly as training crops were."""
+    def classify_crops(self, crops: Iterable[np.ndarray]) -> np.ndarray:
+        """Already-cropped faces of any size: resized exactly as training crops were. A generator is read one crop
+        at a time, so only the resized faces are held together."""
         faces = [resize_face(crop, self.crop_spec) for crop in crops]
         return self.predict_inputs(np.stack(faces) if faces else np.zeros((0, 1, 1, 3), np.uint8))
 

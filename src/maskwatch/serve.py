@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from importlib import resources
 
 import cv2
@@ -66,6 +67,22 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         raise ApiError(413, "too_many_pixels", str(err)) from err
     except ImageDecodeError as err:
         raise ApiError(400, "corrupt_image", "the image is corrupt or truncated and cannot be decoded") from err
+
+
+def decode_crops(images: list[bytes], max_pixels: int) -> Iterator[np.ndarray]:
+    """Decode the faces of one request one at a time, all of them within one photo's pixel budget: 64 crops of
+    40 M pixels each, 7 MB as PNG, took 7.6 GB and 40 s when they were decoded side by side at 40 M each."""
+    left = max_pixels
+    for index, data in enumerate(images):
+        try:
+            crop = decode_upload(data, left)
+        except ApiError as err:
+            if err.code == "too_many_pixels" and left < max_pixels:
+                raise ApiError(413, "too_many_pixels", f"face {index} takes the faces of this request over "
+                                                       f"{max_pixels} pixels together") from err
+            raise
+        left -= crop.shape[0] * crop.shape[1]
+        yield crop
 
 
 def _b64(payload: str) -> bytes:
@@ -260,8 +277,7 @@ def create_app(settings: Settings | None = None, mask_detector: MaskDetector | N
         if len(images) > MAX_FACES_PER_CLASSIFY:
             raise ApiError(413, "too_many_images", f"at most {MAX_FACES_PER_CLASSIFY} faces per request")
         predictor = detector().predictor
-        crops = [decode_upload(data, settings.serve.max_pixels) for data in images]
-        probabilities = predictor.classify_crops(crops)
+        probabilities = predictor.classify_crops(decode_crops(images, settings.serve.max_pixels))
         results = []
         for p in probabilities:
             label = predictor.class_names[int(np.argmax(p))]

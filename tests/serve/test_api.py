@@ -86,6 +86,17 @@ def test_classify_matches_the_training_pipeline(client, small_prepared, tiny_bun
     assert (got.argmax(1) == expected.argmax(1)).all()
 
 
+def test_the_faces_of_one_classify_request_share_one_photos_pixel_budget(client, serve_settings):
+    """64 faces of 40 M pixels each fit in a 7 MB upload; decoded side by side they took 7.6 GB."""
+    assert serve_settings.serve.max_pixels == 8_000_000
+    face = png_bytes(np.zeros((1000, 3000, 3), np.uint8))  # 3 M pixels, 9 kB
+    two = client.post("/v1/classify", data={"images": [(io.BytesIO(face), f"{i}.png") for i in range(2)]})
+    assert two.status_code == 200 and len(two.get_json()["results"]) == 2
+    three = client.post("/v1/classify", data={"images": [(io.BytesIO(face), f"{i}.png") for i in range(3)]})
+    assert_error(three, 413, "too_many_pixels")
+    assert "face 2 takes the faces of this request over 8000000 pixels together" in three.get_json()["error"]["message"]
+
+
 def test_predictor_crops_like_the_training_stem(mask_detector, small_prepared):
     from maskwatch.preprocessing import extract_face, read_image
 
