@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
@@ -159,6 +160,8 @@ def parse_voc_annotation(xml_path: Path) -> tuple[str, tuple[int, int] | None, l
             box = tuple(float((node.findtext(tag) or "").strip()) for tag in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError as err:
             raise DataError(f"{xml_path.name}: object {index} has a non-numeric box ({err})") from err
+        if not all(math.isfinite(value) for value in box):  # float() reads "nan" and "inf"; NaN passes every check
+            raise DataError(f"{xml_path.name}: object {index} has a non-numeric box {box}")
         objects.append((label, box))
     return filename, size, objects
 

@@ -68,6 +68,10 @@ def test_non_numeric_box_is_malformed(tmp_path):
     xml.write_text(voc("a", [("with_mask", ("ten", 1, 20, 20))]))
     with pytest.raises(DataError, match="non-numeric box"):
         parse_voc_annotation(xml)
+    for box in [("nan", 1, 20, 20), (1, 1, "inf", 20), (1, "-Infinity", 20, 20)]:
+        xml.write_text(voc("a", [("with_mask", box)]))
+        with pytest.raises(DataError, match="non-numeric box"):
+            parse_voc_annotation(xml)
 
 
 def test_unknown_layout_is_a_clear_error(tmp_path):
