@@ -9,6 +9,7 @@ COMMANDS = [[], ["data"], ["data", "prepare"], ["train"], ["train-detector"], ["
             ["export"], ["models"], ["models", "list"], ["models", "promote"], ["config"], ["config", "show"]]
 BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 BENCHMARKS = sorted(p for p in BENCHMARK_DIR.glob("*.py") if p.name != "common.py")
+FUZZERS = sorted((BENCHMARK_DIR.parent / "tests" / "fuzz").glob("*.py"))
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "maskwatch")
@@ -18,12 +19,13 @@ def test_every_command_has_help(command):
     assert "Usage: maskwatch" in out.stdout
 
 
-@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
-def test_every_benchmark_has_help(script):
+@pytest.mark.parametrize("script", BENCHMARKS + FUZZERS, ids=lambda p: p.name)
+def test_every_benchmark_and_fuzzer_has_help(script):
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60,
-                         cwd=script.parent.parent)
+                         cwd=BENCHMARK_DIR.parent)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("usage:") and "python benchmarks/" in out.stdout  # the docstring's example
+    example = f"python {script.relative_to(BENCHMARK_DIR.parent)}"
+    assert out.stdout.startswith("usage:") and example in out.stdout  # the docstring's example
 
 
 def test_config_show_applies_overrides():
