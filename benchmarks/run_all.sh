@@ -11,7 +11,10 @@ $py benchmarks/small_faces.py --modes off upscale tile --score-thresholds 0.5 0.
 $py benchmarks/box_adjust.py --modes off upscale --min-sides 0 640 2>benchmarks/results/box_adjust.log | tee benchmarks/results/box_adjust.txt
 $py benchmarks/load.py --variant "default:" --variant "1-thread:serve.inference_threads=1" \
     --variant "opencv-yunet:detector.engine=opencv" 2>benchmarks/results/load.log | tee benchmarks/results/load.txt
+$py benchmarks/load.py --variant "gevent:" --variant "sync:serve.worker_class=sync" --seconds 15 \
+    --out benchmarks/results/load_worker_class.json 2>>benchmarks/results/load.log | tee -a benchmarks/results/load.txt
 $py benchmarks/hostile.py 2>benchmarks/results/hostile.log | tee benchmarks/results/hostile.txt
+$py benchmarks/slow_clients.py 2>benchmarks/results/slow_clients.log | tee benchmarks/results/slow_clients.txt
 $py benchmarks/int8_fidelity.py 2>benchmarks/results/int8_fidelity.log | tee benchmarks/results/int8_fidelity.txt
 $py benchmarks/calibration.py --detection 2>benchmarks/results/calibration.log | tee benchmarks/results/calibration.txt
 $py benchmarks/video_smoothing.py 2>benchmarks/results/video_smoothing.log | tee benchmarks/results/video_smoothing.txt

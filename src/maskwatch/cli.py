@@ -373,7 +373,7 @@ def serve(model: ModelOpt = None,
         bundle = _resolve_bundle(settings, model or settings.serve.model_uri or settings.champion_uri,
                                  Path(run_dir) / "model")
         settings.serve.workers = workers or settings.serve.workers  # workers size their thread slice from it
-        command = gunicorn_command(f"{bind_host}:{bind_port}", settings.serve.workers)
+        command = gunicorn_command(f"{bind_host}:{bind_port}", settings.serve.workers, settings.serve.worker_class)
         err(f"serving {bundle} on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")
         metrics_dir = Path(run_dir) / "metrics"
         metrics_dir.mkdir()

@@ -187,6 +187,9 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2
+    worker_class: Literal["sync", "gevent"] = Field("gevent", description=(
+        "gunicorn workers. gevent: slow clients wait without holding a worker. sync needs a buffering proxy "
+        "(nginx) in front: two clients that send their headers slowly held both sync workers."))
     inference_threads: int | None = Field(
         None, ge=1, description="Threads per worker for OpenCV and the classifier; None = all cores.")
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import socket
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,3 +50,29 @@ def test_metrics_are_aggregated_across_workers(gunicorn_server, data_dir):
         statuses = [s for s, _ in pool.map(lambda _: post(gunicorn_server + "/v1/predict", photo), range(12))]
     assert statuses == [200] * 12
     assert predicted() - before == 12
+
+
+def test_clients_that_send_their_headers_slowly_do_not_hold_the_workers(gunicorn_server, data_dir):
+    """Two such clients held both sync workers until gunicorn's 120 s timeout (benchmarks/slow_clients.py: 0 of 20
+    photos answered); the default gevent workers serve around them."""
+    host, port = gunicorn_server.removeprefix("http://").split(":")
+    slow = [socket.create_connection((host, int(port))) for _ in range(8)]
+    try:
+        for sock in slow:
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: maskwatch\r\n")  # and never the rest
+        photo = (data_dir / "images" / "maksssksksss1.jpg").read_bytes()
+        answers = [post(gunicorn_server + "/v1/predict", photo, timeout=20) for _ in range(4)]
+        assert [status for status, _ in answers] == [200] * 4
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+@pytest.mark.parametrize("worker_class, keep_alive", [("gevent", ["--keep-alive", "0"]), ("sync", [])])
+def test_gunicorn_command_names_the_worker_class(worker_class, keep_alive):
+    from maskwatch.serve import gunicorn_command
+
+    command = gunicorn_command("127.0.0.1:8000", 2, worker_class)
+    at = command.index("--worker-class")
+    assert command[at + 1] == worker_class
+    assert command[at + 2:at + 2 + len(keep_alive)] == keep_alive and ("--keep-alive" in command) == bool(keep_alive)
