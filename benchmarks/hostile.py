@@ -37,6 +37,20 @@ def png_claiming_4gb() -> bytes:
             + struct.pack(">I", 0xFFFF0421) + b"IDAT" + bytes(8))
 
 
+def tiff_with_huge_tiles(tile=16000) -> bytes:
+    """A 32x24 tiled TIFF whose tiles claim tile x tile pixels: OpenCV allocated 1 GB (found by fuzzing); the API
+    now refuses TIFF."""
+    tile_offset = 8 + 2 + 12 * 11 + 4 + 6
+    entries = [(256, 4, 1, 32), (257, 4, 1, 24), (258, 3, 3, tile_offset - 6), (259, 3, 1, 1), (262, 3, 1, 2),
+               (277, 3, 1, 3), (284, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, 1, tile_offset),
+               (325, 4, 1, 64)]
+    ifd = b"".join(struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 and count == 1
+                                                             else struct.pack("<I", value))
+                   for tag, kind, count, value in entries)
+    return (b"II*\x00" + struct.pack("<IH", 8, len(entries)) + ifd + struct.pack("<I", 0)
+            + struct.pack("<HHH", 8, 8, 8) + bytes(64))
+
+
 def bmp_too_wide(width=2_097_184) -> bytes:
     """A BMP header of width x 1 pixels: under the pixel limit, but over OpenCV's width limit (it raised)."""
     return (struct.pack("<2sIHHI", b"BM", 54 + 8, 0, 0, 54)
@@ -73,6 +87,7 @@ def cases(photo: bytes) -> list[tuple[str, bytes, str]]:
         ("line_break_field_name", *multipart(("a\nb", "p.jpg", photo), ("c", "c.jpg", photo))),
         ("png_claiming_4gb", png_claiming_4gb(), "image/png"),
         ("bmp_too_wide", bmp_too_wide(), "image/bmp"),
+        ("tiff_with_huge_tiles", tiff_with_huge_tiles(), "image/tiff"),
         ("text", b"plain text", "text/plain"),
     ]
 

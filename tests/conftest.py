@@ -154,6 +154,22 @@ BMP_TOO_WIDE = (b"BM6\t\x00\x01\x00\xaa\x00\x006\x00\x00\x00(\x00\x00\x00 \x00 \
                 b"\x18\x00\x00\x00\x00\x007\x00\x00\x00\x00\x003Po\xa0a\xc6\xa3JT\x8a*s\xd7\xa5\xc6")
 
 
+def tiff_with_huge_tiles(tile: int = 16000) -> bytes:
+    """A 216-byte 32x24 tiled TIFF whose tiles claim tile x tile pixels. OpenCV allocated 1 GB for it (found by
+    fuzzing in CI), so the API refuses TIFF."""
+    import struct
+
+    tile_offset, tile_bytes = 8 + 2 + 12 * 11 + 4 + 6, 64
+    entries = [(256, 4, 1, 32), (257, 4, 1, 24), (258, 3, 3, tile_offset - 6), (259, 3, 1, 1), (262, 3, 1, 2),
+               (277, 3, 1, 3), (284, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, 1, tile_offset),
+               (325, 4, 1, tile_bytes)]  # size, 8-bit RGB, uncompressed, one tile of tile x tile
+    ifd = b"".join(struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 and count == 1
+                                                             else struct.pack("<I", value))
+                   for tag, kind, count, value in entries)
+    return (b"II*\x00" + struct.pack("<IH", 8, len(entries)) + ifd + struct.pack("<I", 0)
+            + struct.pack("<HHH", 8, 8, 8) + bytes(tile_bytes))
+
+
 def phone_jpeg(pixels) -> bytes:
     """A PIL image as a phone stores a photo taken sideways: the pixels as they are, in a JPEG tagged with EXIF
     orientation 6 ("rotate 90 degrees clockwise to display")."""

@@ -27,10 +27,11 @@ from maskwatch.preprocessing import ImageDecodeError, PixelLimitError, decode_im
 
 log = logging.getLogger(__name__)
 
-# Magic bytes: decodable formats, and image formats we recognise but do not take (415).
-SUPPORTED_SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"BM": "bmp",
-                        b"II*\x00": "tiff", b"MM\x00*": "tiff"}
-UNSUPPORTED_SIGNATURES = {b"GIF87a": "gif", b"GIF89a": "gif", b"%PDF": "pdf", b"<svg": "svg", b"<?xml": "xml"}
+# Magic bytes: decodable formats, and image formats we recognise but do not take (415). TIFF is refused: a
+# 216-byte tiled TIFF whose tiles claim 16000 x 16000 pixels made OpenCV allocate 1 GB (found by fuzzing).
+SUPPORTED_SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"BM": "bmp"}
+UNSUPPORTED_SIGNATURES = {b"GIF87a": "gif", b"GIF89a": "gif", b"%PDF": "pdf", b"<svg": "svg", b"<?xml": "xml",
+                          b"II*\x00": "tiff", b"MM\x00*": "tiff"}
 MAX_FACES_PER_CLASSIFY = 64
 
 
@@ -49,8 +50,8 @@ def sniff_format(data: bytes) -> str | None:
     stripped = data[:64].lstrip()
     for signature, name in UNSUPPORTED_SIGNATURES.items():
         if stripped.startswith(signature):
-            raise ApiError(415, "unsupported_media_type", f"{name} images are not supported; send JPEG, PNG, BMP, "
-                                                          "TIFF or WebP")
+            raise ApiError(415, "unsupported_media_type", f"{name} images are not supported; send JPEG, PNG, BMP "
+                                                          "or WebP")
     if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
         raise ApiError(415, "unsupported_media_type", "HEIC/AVIF images are not supported; send JPEG or PNG")
     return None
@@ -60,7 +61,7 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     if not data:
         raise ApiError(400, "empty_image", "the image is empty")
     if sniff_format(data) is None:
-        raise ApiError(400, "not_an_image", "the data is not an image (JPEG, PNG, BMP, TIFF or WebP expected)")
+        raise ApiError(400, "not_an_image", "the data is not an image (JPEG, PNG, BMP or WebP expected)")
     try:
         return decode_image(data, max_pixels=max_pixels)
     except PixelLimitError as err:
@@ -186,9 +187,11 @@ def create_app(settings: Settings | None = None, mask_detector: MaskDetector | N
 
     def require_key() -> None:
         key = settings.serve.api_key
+        if not key:
+            return
         # As bytes: compare_digest raises on non-ASCII text, and a client may send any header bytes.
         sent = request.headers.get("X-API-Key", "").encode("utf-8", "surrogatepass")
-        if key and not hmac.compare_digest(sent, key.encode("ascii")):
+        if not hmac.compare_digest(sent, key.encode("ascii")):
             raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
 
     @app.before_request

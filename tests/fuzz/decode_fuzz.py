@@ -8,7 +8,9 @@ or be refused with a 4xx `ApiError`. Anything else is a finding, written to the 
 or `timeout-` prefix: another exception, a crash in a codec, more than --rss-limit-mb of memory, or more than
 10 s for one input. Exits 0 when the time runs out without a finding. Coverage guides only the Python side:
 the codecs inside OpenCV and Pillow are not instrumented, so inside them this is mutation fuzzing.
-It found a 49-byte PNG that made OpenCV allocate 4 GB (`tests/conftest.py`: `PNG_CHUNK_BOMB`).
+It found a 49-byte PNG that made OpenCV allocate 4 GB, a BMP that made it raise, and a tiled TIFF whose tiles
+made it allocate 1 GB (`tests/conftest.py`: `PNG_CHUNK_BOMB`, `BMP_TOO_WIDE`, `tiff_with_huge_tiles`); the API
+now refuses TIFF, and the TIFF seed checks that it does.
 `tests/serve/test_decode_fuzz.py` runs it for 60 s in the slow tier.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -42,16 +45,25 @@ def write_seeds(folder: Path, photo: Path) -> int:
     return len(seeds)
 
 
+PEAK_LIMIT_KB = [1024 * 1024]  # set from --rss-limit-mb
+
+
 def one_input(data: bytes) -> None:
     from maskwatch.serve import ApiError, decode_upload
 
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         image = decode_upload(data, max_pixels=MAX_PIXELS)
     except ApiError as err:
         assert 400 <= err.status < 500, (err.status, err.code)
-        return
-    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8", (image.shape, image.dtype)
-    assert image.shape[0] * image.shape[1] <= MAX_PIXELS, image.shape
+        image = None
+    # libFuzzer's own memory check samples once a second and blames whatever input runs then; the peak that this
+    # input set names the input that really took the memory.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert peak <= PEAK_LIMIT_KB[0] or peak_before > PEAK_LIMIT_KB[0], f"peak memory {peak // 1024} MB"
+    if image is not None:
+        assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8", (image.shape, image.dtype)
+        assert image.shape[0] * image.shape[1] <= MAX_PIXELS, image.shape
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     with atheris.instrument_imports():
         import maskwatch.preprocessing  # noqa: F401  (instrumented: coverage guides the fuzzer through them)
         import maskwatch.serve  # noqa: F401
-    libfuzzer_args = [sys.argv[0], f"-max_total_time={args.seconds}", f"-rss_limit_mb={args.rss_limit_mb}",
+    PEAK_LIMIT_KB[0] = args.rss_limit_mb * 1024
+    # libFuzzer's limit as a backstop above ours, which names the input precisely
+    libfuzzer_args = [sys.argv[0], f"-max_total_time={args.seconds}", f"-rss_limit_mb={4 * args.rss_limit_mb}",
                       "-timeout=10", "-max_len=65536", f"-artifact_prefix={work}/", str(corpus)]
     atheris.Setup(libfuzzer_args, one_input)
     atheris.Fuzz()

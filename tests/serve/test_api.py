@@ -8,7 +8,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from conftest import BMP_TOO_WIDE, PNG_CHUNK_BOMB
+from conftest import BMP_TOO_WIDE, PNG_CHUNK_BOMB, tiff_with_huge_tiles
 
 from maskwatch.serve import create_app
 
@@ -144,6 +144,7 @@ def bomb_png(width=60000, height=60000) -> bytes:
     ({"data": bomb_png(), "content_type": "image/png"}, 413, "too_many_pixels"),
     ({"data": PNG_CHUNK_BOMB, "content_type": "image/png"}, 400, "corrupt_image"),
     ({"data": BMP_TOO_WIDE, "content_type": "image/bmp"}, 400, "corrupt_image"),
+    ({"data": tiff_with_huge_tiles(), "content_type": "image/tiff"}, 415, "unsupported_media_type"),
     ({"data": b"\xff\xd8\xff" + b"\x00" * 2_100_000, "content_type": "image/jpeg"}, 413, "payload_too_large"),
 ])
 def test_bad_input_gets_a_clear_json_error(client, kwargs, status, code):
