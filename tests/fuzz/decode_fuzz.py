@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, help="folder for the corpus and findings (default: a temp folder)")
     parser.add_argument("--rss-limit-mb", type=int, default=1024, help="memory that counts as a finding")
     parser.add_argument("--photo", type=Path, default=DATA_DIR / "images" / "maksssksksss0.jpg")
+    parser.add_argument("--seed", type=int, default=0, help="libFuzzer's random seed; 0 = a new one each run")
     args = parser.parse_args(argv)
 
     import atheris
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     PEAK_LIMIT_KB[0] = args.rss_limit_mb * 1024
     # libFuzzer's limit as a backstop above ours, which names the input precisely
     libfuzzer_args = [sys.argv[0], f"-max_total_time={args.seconds}", f"-rss_limit_mb={4 * args.rss_limit_mb}",
-                      "-timeout=10", "-max_len=65536", f"-artifact_prefix={work}/", str(corpus)]
+                      f"-seed={args.seed}", "-timeout=10", "-max_len=65536", f"-artifact_prefix={work}/", str(corpus)]
     atheris.Setup(libfuzzer_args, one_input)
     atheris.Fuzz()
 
