@@ -23,13 +23,13 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from maskwatch.config import Settings, load_settings
 from maskwatch.detect import MaskDetector, draw_detections
-from maskwatch.preprocessing import ImageDecodeError, PixelLimitError, decode_image
+from maskwatch.preprocessing import PNG_SIGNATURE, ImageDecodeError, PixelLimitError, decode_image
 
 log = logging.getLogger(__name__)
 
 # Magic bytes: decodable formats, and image formats we recognise but do not take (415). TIFF is refused: a
 # 216-byte tiled TIFF whose tiles claim 16000 x 16000 pixels made OpenCV allocate 1 GB (found by fuzzing).
-SUPPORTED_SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"BM": "bmp"}
+SUPPORTED_SIGNATURES = {b"\xff\xd8\xff": "jpeg", PNG_SIGNATURE: "png", b"BM": "bmp"}
 UNSUPPORTED_SIGNATURES = {b"GIF87a": "gif", b"GIF89a": "gif", b"%PDF": "pdf", b"<svg": "svg", b"<?xml": "xml",
                           b"II*\x00": "tiff", b"MM\x00*": "tiff"}
 MAX_FACES_PER_CLASSIFY = 64
