@@ -28,6 +28,11 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
 }
 
 
+def cache_dir() -> Path:
+    """Per-user downloads kept between runs (the YuNet file, registry models); MASKWATCH_CACHE_DIR moves it."""
+    return Path(os.environ.get("MASKWATCH_CACHE_DIR") or Path.home() / ".cache" / "maskwatch").expanduser()
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

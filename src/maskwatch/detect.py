@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from maskwatch.bundle import ModelMetadata, apply_class_bias, bundle_paths, read_metadata
-from maskwatch.config import CLASS_NAMES, DetectorConfig, Settings
+from maskwatch.config import CLASS_NAMES, DetectorConfig, Settings, cache_dir
 from maskwatch.preprocessing import CropSpec, extract_faces, resize_face
 
 
@@ -43,10 +43,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MASKWATCH_CACHE_DIR", Path.home() / ".cache" / "maskwatch"))
 
 
 def fetch_verified(url: str, sha256: str, destination: Path, timeout: float = 60.0) -> Path:

@@ -6,18 +6,20 @@ Nothing happens at import time; mlflow itself is imported lazily.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from maskwatch.config import Settings
+from maskwatch.config import Settings, cache_dir
 
 
 MODEL_ARTIFACT = "model"
@@ -215,27 +217,151 @@ def champion_version(name: str, alias: str):
         return None
 
 
-def download_model(uri: str, destination: Path | None = None) -> Path:
-    """A local folder holding `model.keras` and `metadata.json` for a models:/ or runs:/ URI."""
-    mlflow = _mlflow()
-    target = Path(destination or tempfile.mkdtemp(prefix="maskwatch-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+def download_model(uri: str) -> Path:
+    """A local folder holding `model.keras` and `metadata.json` for a models:/ or runs:/ URI.
+
+    The files go to the model cache (`cache_dir()/models`) and are reused while the store lists the same files
+    with the same sizes: a second load downloads nothing, and loads leave no copy behind in the temp folder (each
+    used to leave 30 MB there).
+    """
+    source, version = _pinned_source(uri)
+    return _cached_bundle(uri, source, version)
+
+
+def _pinned_source(uri: str) -> tuple[str, str | None]:
+    """(an artifact URI that cannot move, the registry version or None): an alias is resolved once, so the files
+    fetched and the version written beside them cannot come from two different versions."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        return f"{_client().get_run(run_id).info.artifact_uri.rstrip('/')}/{path}".rstrip("/"), None
+    if not uri.startswith("models:/"):
+        return uri, None
+    name = uri.removeprefix("models:/").split("/")[0].split("@")[0]
+    version = registry_version(uri)
+    return _client().get_model_version_download_uri(name, version), version
+
+
+def _fetch_bundle(uri: str, source: str, version: str | None, target: Path) -> tuple[Path, Path]:
+    """Download `source` into `target`; returns (the downloaded folder, the folder with model.keras and a
+    written metadata.json)."""
     from mlflow.models import Model
 
-    mlmodel = Model.load(str(local))
+    target.mkdir(parents=True, exist_ok=True)
+    local = Path(_mlflow().artifacts.download_artifacts(artifact_uri=source, dst_path=str(target)))
     keras_files = sorted(local.rglob("*.keras"))
     if not keras_files:
         raise FileNotFoundError(f"{uri} holds no .keras model")
     bundle_dir = keras_files[0].parent
-    if keras_files[0].name != "model.keras":
-        keras_files[0].rename(bundle_dir / "model.keras")
+    if keras_files[0].name != "model.keras":  # a link, so the files stay as the store lists them
+        try:
+            os.link(keras_files[0], bundle_dir / "model.keras")
+        except OSError:
+            shutil.copy2(keras_files[0], bundle_dir / "model.keras")
+    mlmodel = Model.load(str(local))
     metadata = dict(mlmodel.metadata or {})
     metadata.setdefault("run_id", mlmodel.run_id)
-    # The version is only known after logging, so the logged metadata lacks it: ask the registry.
-    if uri.startswith("models:/"):
-        metadata["model_version"] = registry_version(uri)
+    # The version is only known after logging, so the logged metadata lacks it: the registry said which it is.
+    if version is not None:
+        metadata["model_version"] = version
     (bundle_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
+    return local, bundle_dir
+
+
+def artifact_manifest(source: str) -> dict[str, int]:
+    """{relative path: size} of every file under an artifact URI, as the store lists them."""
+    artifacts = _mlflow().artifacts
+    files: dict[str, int] = {}
+
+    def walk(relative: str) -> None:
+        # FileInfo.path is relative to different roots for different URI kinds: only its last part is used.
+        for info in artifacts.list_artifacts(artifact_uri=f"{source.rstrip('/')}/{relative}" if relative else source):
+            child = f"{relative}/{info.path.rstrip('/').rsplit('/', 1)[-1]}".lstrip("/")
+            if info.is_dir:
+                walk(child)
+            else:
+                files[child] = int(info.file_size or 0)
+
+    walk("")
+    return files
+
+
+def _digest(value: Any, length: int) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def _cached_bundle(uri: str, source: str, version: str | None) -> Path:
+    """The cache entry for these files; entries are never changed once published, so readers need no lock.
+
+    The entry's name holds a digest of the store's file list: files attached later (`maskwatch export`) give a new
+    entry, and the out-of-date ones of the same model are deleted.
+    """
+    models = cache_dir() / "models"
+    manifest = artifact_manifest(source)
+    model_key = _digest([source, version], 16)
+    entry = models / f"{model_key}-{_digest(manifest, 12)}"
+    bundle_dir = _whole_entry(entry, manifest)
+    if bundle_dir is None:
+        bundle_dir = _publish(uri, source, version, manifest, entry)
+        _remove_stale_entries(models, model_key, entry, source)
     return bundle_dir
+
+
+def _whole_entry(entry: Path, manifest: dict[str, int]) -> Path | None:
+    """The bundle folder of a published entry holding every listed file at its listed size, else None."""
+    try:
+        layout = json.loads((entry / "layout.json").read_text())
+        root = entry / layout["root"]
+        if all((root / name).stat().st_size == size for name, size in manifest.items()):
+            return entry / layout["bundle"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _publish(uri: str, source: str, version: str | None, manifest: dict[str, int], entry: Path) -> Path:
+    """Download into a hidden folder beside `entry`, then rename it into place: an entry is whole or absent."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-part-"))
+    try:
+        root, bundle_dir = _fetch_bundle(uri, source, version, staging / "files")
+        (staging / "layout.json").write_text(json.dumps({"root": str(root.relative_to(staging)),
+                                                         "bundle": str(bundle_dir.relative_to(staging))}))
+        for attempt in range(2):
+            try:
+                os.rename(staging, entry)
+                break
+            except OSError:
+                published = _whole_entry(entry, manifest)
+                if published is not None:  # another process published it first: theirs is as good
+                    return published
+                if attempt:
+                    raise
+                _retire(entry)  # a broken copy (a damaged disk, edited files) is replaced
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entry / bundle_dir.relative_to(staging)
+
+
+def _retire(entry: Path) -> None:
+    """Move a folder aside, then delete it: a process still reading its files keeps them."""
+    retired = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-old-"))
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(entry, retired / "entry")
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _remove_stale_entries(models: Path, model_key: str, current: Path, source: str) -> None:
+    """Delete the other copies of this model, but only if the store still lists `current`'s files (a load that
+    raced with an export must not delete the newer copy), and downloads left half done over an hour ago."""
+    if current.name != f"{model_key}-{_digest(artifact_manifest(source), 12)}":
+        return
+    for stale in models.glob(f"{model_key}-*"):
+        if stale != current:
+            shutil.rmtree(stale, ignore_errors=True)
+    for part in models.glob(f".{model_key}-*-part-*"):
+        with contextlib.suppress(FileNotFoundError):  # another load may finish and remove its own meanwhile
+            if time.time() - part.stat().st_mtime > 3600:
+                shutil.rmtree(part, ignore_errors=True)
 
 
 def attach_to_registered_model(uri: str, settings: Settings, files: list[Path]) -> str:
@@ -254,11 +380,11 @@ def attach_to_registered_model(uri: str, settings: Settings, files: list[Path]) 
     return run_id
 
 
-def resolve_model_uri(uri: str, settings: Settings, destination: Path | None = None) -> Path:
+def resolve_model_uri(uri: str, settings: Settings) -> Path:
     """models:/name@alias, models:/name/3, runs:/id/model -> local bundle folder; paths pass through."""
     if uri.startswith(("models:/", "runs:/")):
         configure(settings)
-        return download_model(uri, destination)
+        return download_model(uri)
     return Path(uri)
 
 

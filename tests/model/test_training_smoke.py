@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from maskwatch import tracking
+from maskwatch.bundle import read_metadata
 from maskwatch.detect import Predictor
 from maskwatch.evaluate import predict_probabilities
 from maskwatch.pipeline import run_job
@@ -128,3 +130,7 @@ def test_job_against_a_real_mlflow_server(settings_factory, mlflow_server):
     assert client.get_run(result.run_id).data.metrics["test_accuracy"] == result.evaluation.accuracy
     assert client.get_model_version_by_alias("maskwatch", "champion").run_id == result.run_id
     assert "model/MLmodel" in {a.path for a in client.list_artifacts(result.run_id, "model")}
+    # Loaded back over HTTP (mlflow-artifacts:/ URIs) through the model cache, then from the cache.
+    bundle = tracking.resolve_model_uri("models:/maskwatch@champion", settings)
+    assert read_metadata(bundle).model_version == "1" and (bundle / "model_float.tflite").is_file()
+    assert tracking.resolve_model_uri("models:/maskwatch@champion", settings) == bundle
