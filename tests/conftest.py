@@ -35,6 +35,12 @@ def pytest_configure(config):
         )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """Registry models that tests load are cached here (and seen by the CLIs they start), not in ~/.cache."""
+    os.environ["MASKWATCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA_DIR
@@ -225,8 +231,11 @@ def start_maskwatch_serve(args: list[str], log: Path, env: dict | None = None, c
 
 
 def stop_server(proc) -> None:
-    if proc.poll() is None:
+    """SIGTERM to the server's whole process group: gunicorn too, even where the CLI itself has already exited."""
+    try:
         os.killpg(proc.pid, 15)
+    except ProcessLookupError:
+        pass
     proc.wait(timeout=30)
 
 

@@ -356,10 +356,9 @@ def serve(model: ModelOpt = None,
           runtime: RuntimeOpt = None,
           config: ConfigOpt = None, set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
     """Serve the API and web page with gunicorn (one model per worker)."""
-    import subprocess
     import tempfile
 
-    from maskwatch.serve import create_app, gunicorn_command, serve_environment
+    from maskwatch.serve import create_app, gunicorn_command, run_server, serve_environment
 
     settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
     if runtime:
@@ -368,24 +367,25 @@ def serve(model: ModelOpt = None,
     if dev:
         create_app(settings, model_uri=model).run(host=bind_host, port=bind_port, threaded=True)
         return
+    # Resolved once here, not by every worker: workers load a local bundle (the model cache's copy of a registry
+    # model) and never race on the registry.
+    bundle = _resolve_bundle(settings, model or settings.serve.model_uri or settings.champion_uri)
     with tempfile.TemporaryDirectory(prefix="maskwatch-serve-") as run_dir:
-        # Resolved once here, not by every worker: workers load a local bundle and never race on the registry.
-        bundle = _resolve_bundle(settings, model or settings.serve.model_uri or settings.champion_uri,
-                                 Path(run_dir) / "model")
         settings.serve.workers = workers or settings.serve.workers  # workers size their thread slice from it
         command = gunicorn_command(f"{bind_host}:{bind_port}", settings.serve.workers, settings.serve.worker_class)
         err(f"serving {bundle} on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")
         metrics_dir = Path(run_dir) / "metrics"
         metrics_dir.mkdir()
-        raise typer.Exit(subprocess.call(command, env=serve_environment(settings, str(bundle), str(metrics_dir))))
+        status = run_server(command, serve_environment(settings, str(bundle), str(metrics_dir)))
+    raise typer.Exit(status)
 
 
-def _resolve_bundle(settings: Settings, uri: str, destination: Path | None = None) -> Path:
+def _resolve_bundle(settings: Settings, uri: str) -> Path:
     """A local bundle folder for a path or registry URI; any failure is a clear error, never a traceback."""
     from maskwatch import tracking
 
     try:
-        return tracking.resolve_model_uri(uri, settings, destination)
+        return tracking.resolve_model_uri(uri, settings)
     except _known_errors() as error:
         _fail(str(error))
     except Exception as error:  # MLflow's own errors for an unknown model or alias

@@ -336,6 +336,32 @@ def gunicorn_command(bind: str, workers: int, worker_class: str) -> list[str]:
             app_spec]
 
 
+def run_server(command: list[str], env: dict[str, str]) -> int:
+    """Run gunicorn as a child until it exits; returns its exit status.
+
+    A stop signal sent to this process alone (`kill`, `docker stop`, a service manager) is passed on, so gunicorn
+    stops its workers gracefully and this process lives to remove its temporary folder; before, SIGTERM killed
+    it at once, leaving gunicorn running orphaned or the folder behind.
+    """
+    import signal
+    import subprocess
+
+    server = subprocess.Popen(command, env=env)
+
+    def forward(signum, _frame) -> None:
+        if server.poll() is None:
+            server.send_signal(signum)
+
+    # SIGHUP too: to gunicorn it means "reload the workers", which is what a HUP to the server should do.
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, forward) for signum in stop_signals}
+    try:
+        return server.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def serve_environment(settings: Settings, model_uri: str | None, metrics_dir: str) -> dict[str, str]:
     """Settings travel to gunicorn workers as environment variables and a config file."""
     env = dict(os.environ)

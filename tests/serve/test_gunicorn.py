@@ -1,7 +1,9 @@
 """The real deployment: gunicorn workers, concurrent clients, shared Prometheus metrics."""
 
 import json
+import os
 import re
+import signal
 import socket
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -76,3 +78,23 @@ def test_gunicorn_command_names_the_worker_class(worker_class, keep_alive):
     at = command.index("--worker-class")
     assert command[at + 1] == worker_class
     assert command[at + 2:at + 2 + len(keep_alive)] == keep_alive and ("--keep-alive" in command) == bool(keep_alive)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_maskwatch_serve_alone_stops_gunicorn_and_cleans_up(stop_signal, tiny_bundle, tmp_path):
+    """`docker stop` or a service manager signals the CLI's process only; it used to die at once, leaving gunicorn
+    running orphaned (or, with the group signalled, its temporary folder behind: 60 of them in /tmp)."""
+    from conftest import start_maskwatch_serve, stop_server
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    url, proc = start_maskwatch_serve(["--model", str(tiny_bundle)], tmp_path / "serve.log", env={"TMPDIR": str(temp)})
+    try:
+        assert len(list(temp.glob("maskwatch-*"))) == 1
+        os.kill(proc.pid, stop_signal)  # not the process group: only the CLI gets it
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop_server(proc)  # whatever is left of the group, if the test failed
+    assert list(temp.glob("maskwatch-*")) == []
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/health", timeout=5)
