@@ -13,10 +13,12 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -120,13 +122,32 @@ def download_from_kaggle(dataset: str, destination: Path) -> Path:
         from kaggle.api.kaggle_api_extended import KaggleApi
     except ImportError as err:
         raise DataError("the Kaggle client is not installed: pip install 'maskwatch[kaggle]'") from err
-    destination.mkdir(parents=True, exist_ok=True)
     api = KaggleApi()
     api.authenticate()
     log.info("downloading %s from Kaggle to %s", dataset, destination)
-    api.dataset_download_files(dataset, path=str(destination), unzip=True, quiet=False)
-    if not (destination / "annotations").is_dir():
-        raise DataError(f"the Kaggle download of {dataset} in {destination} has no annotations/ folder")
+
+    def download(staging: Path) -> None:
+        api.dataset_download_files(dataset, path=str(staging), unzip=True, quiet=False)
+        if not (staging / "annotations").is_dir():
+            raise DataError(f"the Kaggle download of {dataset} has no annotations/ folder")
+
+    return fill_whole(destination, download)
+
+
+def fill_whole(destination: Path, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write into a hidden folder beside `destination`, then rename that into place.
+
+    A download stopped halfway (Ctrl-C, a full disk, a dropped connection) leaves nothing a later run could take
+    for the whole data set: `locate_dataset` trusts any download folder that has annotations/.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}-part-"))
+    try:
+        fill(staging)
+        shutil.rmtree(destination, ignore_errors=True)  # what an older version left half filled
+        os.rename(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return destination
 
 

@@ -51,18 +51,21 @@ def fetch_verified(url: str, sha256: str, destination: Path, timeout: float = 60
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False, suffix=".part") as part:
+        pass
+    try:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                shutil.copyfileobj(response, part)
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(part.name, "wb") as handle:
+                shutil.copyfileobj(response, handle)
         except OSError as err:
-            os.unlink(part.name)
             raise DetectorModelError(f"cannot download {url}: {err}; set detector.model_path "
                                      "(MASKWATCH_YUNET_PATH) to a local copy") from err
-    actual = sha256_of(Path(part.name))
-    if actual != sha256:
-        os.unlink(part.name)
-        raise DetectorModelError(f"download from {url} has sha256 {actual}, expected {sha256}; not used")
-    os.replace(part.name, destination)
+        actual = sha256_of(Path(part.name))
+        if actual != sha256:
+            raise DetectorModelError(f"download from {url} has sha256 {actual}, expected {sha256}; not used")
+        os.replace(part.name, destination)
+    finally:  # a failed, refused or interrupted (Ctrl-C) download leaves no .part file behind
+        if os.path.exists(part.name):
+            os.unlink(part.name)
     return destination
 
 

@@ -30,6 +30,23 @@ def test_download_with_wrong_hash_keeps_nothing(tmp_path):
     assert not target.exists() and not list(target.parent.glob("*.part"))
 
 
+def test_an_interrupted_download_keeps_nothing(yunet_path, tmp_path, monkeypatch):
+    """Ctrl-C halfway through the copy: neither the target nor a .part file may be left."""
+    from maskwatch import detect
+
+    def copy_half_then_interrupt(source, target):
+        target.write(source.read(1000))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(detect.shutil, "copyfileobj", copy_half_then_interrupt)
+    target = tmp_path / "cache" / "model.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        fetch_verified(yunet_path.as_uri(), YUNET_SHA256, target)
+    assert list(target.parent.iterdir()) == []
+    monkeypatch.undo()
+    assert sha256_of(fetch_verified(yunet_path.as_uri(), YUNET_SHA256, target)) == YUNET_SHA256
+
+
 def test_unreachable_download_says_how_to_work_offline(tmp_path):
     with pytest.raises(DetectorModelError, match="MASKWATCH_YUNET_PATH"):
         fetch_verified((tmp_path / "missing.onnx").as_uri(), YUNET_SHA256, tmp_path / "c" / "m.onnx")
@@ -42,3 +59,32 @@ def test_kaggle_credentials_detection(tmp_path):
     assert kaggle_credentials_present({"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"})
     (tmp_path / "kaggle.json").write_text("{}")
     assert kaggle_credentials_present({"KAGGLE_CONFIG_DIR": str(tmp_path)})
+
+
+def test_a_data_set_download_stopped_halfway_leaves_nothing_to_mistake_for_the_whole(tmp_path):
+    """locate_dataset trusts any download folder with annotations/: a half-unzipped one must never be left."""
+    from maskwatch.data import fill_whole
+
+    destination = tmp_path / "downloads" / "andrewmvd__face-mask-detection"
+
+    def unzip_then_interrupt(staging):
+        (staging / "annotations").mkdir()
+        (staging / "annotations" / "maksssksksss0.xml").write_text("<annotation/>")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fill_whole(destination, unzip_then_interrupt)
+    assert list(destination.parent.iterdir()) == []
+
+    destination.mkdir()  # what the old code left after an interrupted download: no annotations/
+    (destination / "images").mkdir()
+
+    def unzip(staging):
+        for folder in ("annotations", "images"):
+            (staging / folder).mkdir()
+            (staging / folder / "photo0").write_text(folder)
+
+    assert fill_whole(destination, unzip) == destination
+    assert sorted(p.name for p in destination.iterdir()) == ["annotations", "images"]
+    assert (destination / "images" / "photo0").read_text() == "images"
+    assert [p.name for p in destination.parent.iterdir()] == [destination.name]

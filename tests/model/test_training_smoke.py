@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +28,7 @@ TINY = {"phase1_epochs": 1, "phase2_epochs": 1, "batch_size": 16, "early_stoppin
         "reduce_lr_patience": None}
 
 
-def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory):
+def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory, tmp_path, monkeypatch):
     settings = settings_factory(train=TINY)
     result = run_job(settings, run_name="smoke")
     assert result.history.phases == ["phase1", "phase2"]
@@ -48,6 +49,8 @@ def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory):
                      "evaluation/reliability_diagram.png", "evaluation/classification_report.txt", "model/MLmodel",
                      "data_report/sample_crops.png", "data_report/face_sizes.png", "config.yaml", "promotion.json", "model/data/model_float.tflite"):
         assert expected in artifacts, expected
+    # get_model_info leaves a temp folder with the MLmodel file behind (mlflow issue 12140): keep it in tmp_path.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model_info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
     assert model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 160, 160, 3)
     assert model_info.metadata["class_names"] == ["with_mask", "without_mask", "mask_weared_incorrect"]
