@@ -47,3 +47,12 @@ def test_offline_settings_are_the_ones_the_code_reads():
     for variable in ("MASKWATCH_DATA_DIR", "MASKWATCH_YUNET_PATH", "MASKWATCH_TRACKING_URI"):
         assert variable in README and variable in ENV_OVERRIDES
     assert "KERAS_HOME" in README
+
+
+def test_every_environment_variable_the_readme_names_is_read_somewhere():
+    """A renamed or dropped variable must not live on in the README (MASKWATCH_SHARED_DIR is the tests')."""
+    readers = "".join(path.read_text() for path in [*(REPO / "src" / "maskwatch").glob("*.py"),
+                                                     REPO / "tests" / "conftest.py"])
+    named = set(re.findall(r"MASKWATCH_[A-Z_]+", README))
+    assert {"MASKWATCH_CACHE_DIR", "MASKWATCH_DATA_DIR", "MASKWATCH_API_KEY"} <= named
+    assert [name for name in sorted(named) if f'"{name}"' not in readers] == []
