@@ -180,11 +180,14 @@ def open_display(window: str) -> None:
         ) from err
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+
+
 def run_video(mask_detector: MaskDetector, source: int | str, display: bool = True, output: Path | None = None,
               json_path: Path | None = None, max_frames: int | None = None, latest_only: bool | None = None,
               window: str = "maskwatch", tracker: FaceTracker | None = None) -> RunSummary:
     """The loop: read, detect + classify (and, with a tracker, follow faces and steady their labels), draw with
-    FPS, show / write. `q` or Ctrl-C stops and releases."""
+    FPS, show / write. `q`, Ctrl-C or SIGTERM stops and releases."""
     if display:
         open_display(window)
     reader = FrameReader(source, latest_only)
@@ -193,9 +196,11 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
     last_label: dict[int, str] = {}  # each followed face's latest label
     frames = faces = 0
     stop = threading.Event()
-    previous_handler = signal.getsignal(signal.SIGINT)
+    # Ctrl-C, `kill`, a service manager's stop or a closed terminal end the loop like `q`: the video file gets
+    # its index (an .mp4 killed mid-write does not play) and the summary is printed.
+    previous_handlers = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        previous_handlers = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in STOP_SIGNALS}
     started = time.perf_counter()
     try:
         if json_path:
@@ -245,8 +250,8 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
             json_file.close()
         if display:
             cv2.destroyAllWindows()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     seconds = time.perf_counter() - started
     tracks_by_label = dict(Counter(last_label.values()).most_common()) if tracker is not None else None
     return RunSummary(frames, seconds, frames / seconds if seconds else 0.0, faces, reader.dropped, times.summary(),

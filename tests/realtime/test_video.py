@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -101,6 +102,34 @@ def test_webcam_command_headless(tiny_bundle, test_video, yunet_path, tmp_path):
     no_gui = subprocess.run([MASKWATCH, "webcam", "--source", str(test_video), "--model", str(tiny_bundle)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert no_gui.returncode == 2 and "--no-display" in no_gui.stderr
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_a_recording_with_a_playable_video(stop_signal, tiny_bundle, data_dir, yunet_path,
+                                                              tmp_path):
+    """`maskwatch webcam --output` run by a service manager is stopped with SIGTERM: it used to die at once,
+    leaving an .mp4 without its index (no player opens it) and the last JSON lines unwritten."""
+    long_video = make_test_video([data_dir / "images" / f"maksssksksss{i}.jpg" for i in (0, 1, 4)],
+                                 tmp_path / "long.mp4", frames_per_photo=200)
+    recording, frames_json = tmp_path / "recording.mp4", tmp_path / "frames.jsonl"
+    env = {**os.environ, "MASKWATCH_YUNET_PATH": str(yunet_path)}
+    proc = subprocess.Popen([MASKWATCH, "webcam", "--source", str(long_video), "--model", str(tiny_bundle),
+                             "--no-display", "--output", str(recording), "--json", str(frames_json)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (recording.exists() and recording.stat().st_size > 50_000):
+            time.sleep(0.2)
+        proc.send_signal(stop_signal)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    written = len(frames_json.read_text().splitlines())
+    assert 0 < written < 600 and f"{written} frames" in stderr
+    capture = cv2.VideoCapture(str(recording))
+    assert capture.isOpened() and int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == written
+    capture.release()
 
 
 @pytest.mark.slow
