@@ -8,10 +8,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +26,7 @@ from maskwatch.config import Settings, cache_dir
 
 
 MODEL_ARTIFACT = "model"
+log = logging.getLogger(__name__)
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -94,12 +98,51 @@ def git_commit() -> str:
         return "unknown"
 
 
+class RunStopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) arrived during a run: unwinds like Ctrl-C, so the run is closed."""
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    # By default SIGTERM (a service manager, a cluster's preemption, `kill`) ends Python at once, and the MLflow
+    # run stays RUNNING for ever; raised as an exception it unwinds through the run like Ctrl-C.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, _frame):
+        raise RunStopped(f"stopped by {signal.Signals(signum).name}")
+
+    stop_signals = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    previous = {signum: signal.signal(signum, interrupt) for signum in stop_signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _closed_run(run_name: str) -> Iterator[Any]:
+    """mlflow.start_run that records how the run ended: FINISHED, FAILED on an error, and KILLED on Ctrl-C or a
+    stop signal (MLflow itself calls Ctrl-C FAILED, and SIGTERM left the run RUNNING)."""
+    mlflow = _mlflow()
+    with _stop_signals_interrupt(), mlflow.start_run(run_name=run_name) as run:
+        try:
+            yield run
+        except KeyboardInterrupt as stop:
+            mlflow.end_run(status="KILLED")
+            log.warning("%s: MLflow run %s recorded as KILLED; nothing was registered",
+                        stop or "stopped by Ctrl-C", run.info.run_id)
+            raise
+
+
 @contextlib.contextmanager
 def training_run(settings: Settings, run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
     """One explicit MLflow run around the whole job (both phases); yields the run id."""
     mlflow = _mlflow()
     configure(settings)
-    with mlflow.start_run(run_name=run_name) as run:
+    with _closed_run(run_name) as run:
         mlflow.set_tags({"git_commit": git_commit(), "maskwatch.stage": "train", **(tags or {})})
         log_params(settings.to_flat_dict())
         yield run.info.run_id
@@ -110,7 +153,7 @@ def evaluation_run(settings: Settings, kind: str, tags: dict[str, str]) -> Itera
     """A separate run for an evaluation of an existing model (e.g. detection metrics)."""
     mlflow = _mlflow()
     configure(settings)
-    with mlflow.start_run(run_name=f"evaluate-{kind}") as run:
+    with _closed_run(f"evaluate-{kind}") as run:
         mlflow.set_tags({"git_commit": git_commit(), "maskwatch.stage": f"evaluate-{kind}", **tags})
         log_params({f"detector.{k}": v for k, v in settings.detector.model_dump(mode="json").items()})
         yield run.info.run_id

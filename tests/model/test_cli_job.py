@@ -1,6 +1,7 @@
 """The CLI end to end: train (tiny), evaluate --json, models list / promote."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,39 @@ def test_gate_compares_models_trained_at_different_input_sizes(trained):
                             capture_output=True, text=True, timeout=300, env=env, cwd=work)
         assert ev.returncode == 0, ev.stderr[-2000:]
         assert 0 <= json.loads(ev.stdout)["macro_f1"] <= 1
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_training_stopped_by_a_signal_is_recorded_as_killed(stop_signal, tmp_path, data_dir):
+    """A cluster's preemption or a service manager sends SIGTERM: the run used to stay RUNNING in MLflow for ever
+    (and Ctrl-C was recorded as FAILED)."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from conftest import cli_env
+
+    proc = subprocess.Popen([MASKWATCH, "train", "--set", "data.max_photos=24", "--set", "train.phase1_epochs=40",
+                             "--set", "train.early_stopping_patience=null"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path, data_dir), cwd=tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        deadline, run = time.time() + 300, None
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+            experiment = client.get_experiment_by_name("maskwatch") if (tmp_path / "mlflow.db").exists() else None
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "phase1_loss"):  # mid-training
+                run = runs[0]
+                break
+        assert run is not None, "no epoch was logged"
+        proc.send_signal(stop_signal)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"MLflow run {run.info.run_id} recorded as KILLED" in stderr
+    assert ("stopped by SIGTERM" in stderr) == (stop_signal == signal.SIGTERM)
+    ended = client.get_run(run.info.run_id).info
+    assert ended.status == "KILLED" and ended.end_time is not None
+    assert client.search_registered_models() == []  # nothing half-trained was registered
