@@ -6,6 +6,8 @@ Inference code reads bundles through this module only; it imports no training co
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,6 +68,19 @@ def bundle_paths(path: str | Path) -> tuple[Path, Path]:
     if path.is_dir():
         return path / MODEL_FILE, path / METADATA_FILE
     return path, path.with_name(METADATA_FILE)
+
+
+def pin_bundle(bundle_dir: Path, destination: Path) -> Path:
+    """A private copy of a bundle folder, made of hard links where the file system allows (no bytes copied): files
+    that someone deletes later (the model cache replacing an out-of-date copy) stay readable here."""
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(source, target)
+
+    shutil.copytree(bundle_dir, destination, copy_function=link_or_copy)
+    return Path(destination)
 
 
 def save_bundle(model, bundle_dir: Path, metadata: ModelMetadata) -> Path:

@@ -358,6 +358,7 @@ def serve(model: ModelOpt = None,
     """Serve the API and web page with gunicorn (one model per worker)."""
     import tempfile
 
+    from maskwatch.bundle import pin_bundle
     from maskwatch.serve import create_app, gunicorn_command, run_server, serve_environment
 
     settings = _settings(config, "full", set_, tracking_uri=tracking_uri)
@@ -367,10 +368,14 @@ def serve(model: ModelOpt = None,
     if dev:
         create_app(settings, model_uri=model).run(host=bind_host, port=bind_port, threaded=True)
         return
-    # Resolved once here, not by every worker: workers load a local bundle (the model cache's copy of a registry
-    # model) and never race on the registry.
-    bundle = _resolve_bundle(settings, model or settings.serve.model_uri or settings.champion_uri)
+    # Resolved once here, not by every worker: workers load a local bundle and never race on the registry.
+    model_uri = model or settings.serve.model_uri or settings.champion_uri
+    bundle = _resolve_bundle(settings, model_uri)
     with tempfile.TemporaryDirectory(prefix="maskwatch-serve-") as run_dir:
+        if model_uri.startswith(("models:/", "runs:/")):
+            # gunicorn loads the bundle again for every worker it restarts, so it must outlive the model cache's
+            # copy, which a later fetch with new files (maskwatch export) deletes.
+            bundle = pin_bundle(bundle, Path(run_dir) / "model")
         settings.serve.workers = workers or settings.serve.workers  # workers size their thread slice from it
         command = gunicorn_command(f"{bind_host}:{bind_port}", settings.serve.workers, settings.serve.worker_class)
         err(f"serving {bundle} on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")

@@ -205,3 +205,35 @@ def test_a_training_stopped_by_a_signal_is_recorded_as_killed(stop_signal, tmp_p
     ended = client.get_run(run.info.run_id).info
     assert ended.status == "KILLED" and ended.end_time is not None
     assert client.search_registered_models() == []  # nothing half-trained was registered
+
+
+def test_restarted_workers_still_find_the_model_after_the_cache_dropped_it(trained):
+    """gunicorn restarts a worker that dies, and the new one loads the model from disk again: the served copy must
+    not be the model cache's, which the next fetch with new files (maskwatch export) deletes."""
+    import os
+    import shutil
+    import time
+    import urllib.request
+
+    from conftest import start_maskwatch_serve, stop_server
+
+    work, env, _, _ = trained
+    url, proc = start_maskwatch_serve([], work / "restart.log", env=env, cwd=work)
+    try:
+        shutil.rmtree(Path(os.environ["MASKWATCH_CACHE_DIR"]) / "models")
+        master = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+        first_workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        for worker in first_workers:
+            os.kill(int(worker), signal.SIGKILL)
+        deadline, answer = time.time() + 120, None
+        while time.time() < deadline and answer is None:  # only the workers that replace them can answer
+            try:
+                with urllib.request.urlopen(url + "/ready", timeout=5) as response:
+                    answer = response.status, json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        new_workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    finally:
+        stop_server(proc)
+    assert answer is not None and answer[0] == 200, (work / "restart.log").read_text()[-2000:]
+    assert len(new_workers) == 2 and not set(new_workers) & set(first_workers)
