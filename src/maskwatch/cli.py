@@ -17,7 +17,8 @@ from maskwatch.config import PRESETS, Settings, load_settings, parse_dotted_over
 app = typer.Typer(help="maskwatch: face-mask detection you can train, track, serve and run in real time.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Prepare and inspect the data set.", no_args_is_help=True)
-models_app = typer.Typer(help="The MLflow model registry: list versions, promote one.", no_args_is_help=True)
+models_app = typer.Typer(help="The MLflow model registry: list versions, promote one; the local model cache.",
+                         no_args_is_help=True)
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
@@ -513,6 +514,31 @@ def models_promote(version: Annotated[str, typer.Argument(help="Registered versi
         _fail(f"'{settings.tracking.registered_model_name}' has no version {version}")
     tracking.promote(settings, version)
     typer.echo(f"{settings.tracking.registered_model_name} version {version} is now @{settings.tracking.champion_alias}")
+
+
+@models_app.command("cache")
+def models_cache(clear: Annotated[bool, typer.Option("--clear", help="Delete every cached model.")] = False,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List the registry models fetched into the cache (~/.cache/maskwatch/models, MASKWATCH_CACHE_DIR), or clear
+    it; a cleared model is fetched again when next loaded."""
+    from maskwatch import tracking
+    from maskwatch.config import cache_dir
+
+    if clear:
+        entries, megabytes = tracking.clear_model_cache()
+        typer.echo(f"deleted {entries} cached models ({megabytes:.1f} MB) from {cache_dir() / 'models'}")
+        return
+    rows = tracking.cached_models()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no models cached in {cache_dir() / 'models'}")
+        return
+    typer.echo(f"{'version':>8}  {'MB':>6}  {'fetched':<16}  {'run_id':<32}  entry")
+    for row in rows:
+        version, run_id = row["model_version"] or "-", row["run_id"] or "-"
+        typer.echo(f"{version:>8}  {row['mb']:>6.1f}  {row['fetched']:<16}  {run_id:<32}  {row['entry']}")
 
 
 @config_app.command("show")

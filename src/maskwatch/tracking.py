@@ -267,33 +267,42 @@ def download_model(uri: str) -> Path:
     with the same sizes: a second load downloads nothing, and loads leave no copy behind in the temp folder (each
     used to leave 30 MB there).
     """
-    source, version = _pinned_source(uri)
-    return _cached_bundle(uri, source, version)
+    return _cached_bundle(_pinned(uri))
 
 
-def _pinned_source(uri: str) -> tuple[str, str | None]:
-    """(an artifact URI that cannot move, the registry version or None): an alias is resolved once, so the files
-    fetched and the version written beside them cannot come from two different versions."""
+@dataclass(frozen=True)
+class _PinnedModel:
+    """A model URI resolved once, so the files fetched and the version written beside them cannot come from two
+    different versions (an alias can move meanwhile)."""
+    uri: str  # as asked for
+    source: str  # an artifact URI that cannot move
+    version: str | None  # the registry version, for models:/ URIs
+    run_id: str | None
+
+
+def _pinned(uri: str) -> _PinnedModel:
     if uri.startswith("runs:/"):
         run_id, _, path = uri.removeprefix("runs:/").partition("/")
-        return f"{_client().get_run(run_id).info.artifact_uri.rstrip('/')}/{path}".rstrip("/"), None
+        source = f"{_client().get_run(run_id).info.artifact_uri.rstrip('/')}/{path}".rstrip("/")
+        return _PinnedModel(uri, source, None, run_id)
     if not uri.startswith("models:/"):
-        return uri, None
+        return _PinnedModel(uri, uri, None, None)
     name = uri.removeprefix("models:/").split("/")[0].split("@")[0]
-    version = registry_version(uri)
-    return _client().get_model_version_download_uri(name, version), version
+    version = _client().get_model_version(name, registry_version(uri))
+    return _PinnedModel(uri, _client().get_model_version_download_uri(name, version.version), str(version.version),
+                        version.run_id)
 
 
-def _fetch_bundle(uri: str, source: str, version: str | None, target: Path) -> tuple[Path, Path]:
-    """Download `source` into `target`; returns (the downloaded folder, the folder with model.keras and a
+def _fetch_bundle(model: _PinnedModel, target: Path) -> tuple[Path, Path]:
+    """Download the model into `target`; returns (the downloaded folder, the folder with model.keras and a
     written metadata.json)."""
     from mlflow.models import Model
 
     target.mkdir(parents=True, exist_ok=True)
-    local = Path(_mlflow().artifacts.download_artifacts(artifact_uri=source, dst_path=str(target)))
+    local = Path(_mlflow().artifacts.download_artifacts(artifact_uri=model.source, dst_path=str(target)))
     keras_files = sorted(local.rglob("*.keras"))
     if not keras_files:
-        raise FileNotFoundError(f"{uri} holds no .keras model")
+        raise FileNotFoundError(f"{model.uri} holds no .keras model")
     bundle_dir = keras_files[0].parent
     if keras_files[0].name != "model.keras":  # a link, so the files stay as the store lists them
         try:
@@ -302,10 +311,10 @@ def _fetch_bundle(uri: str, source: str, version: str | None, target: Path) -> t
             shutil.copy2(keras_files[0], bundle_dir / "model.keras")
     mlmodel = Model.load(str(local))
     metadata = dict(mlmodel.metadata or {})
-    metadata.setdefault("run_id", mlmodel.run_id)
+    metadata["run_id"] = metadata.get("run_id") or mlmodel.run_id or model.run_id
     # The version is only known after logging, so the logged metadata lacks it: the registry said which it is.
-    if version is not None:
-        metadata["model_version"] = version
+    if model.version is not None:
+        metadata["model_version"] = model.version
     (bundle_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
     return local, bundle_dir
 
@@ -332,20 +341,20 @@ def _digest(value: Any, length: int) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
 
 
-def _cached_bundle(uri: str, source: str, version: str | None) -> Path:
+def _cached_bundle(model: _PinnedModel) -> Path:
     """The cache entry for these files; entries are never changed once published, so readers need no lock.
 
     The entry's name holds a digest of the store's file list: files attached later (`maskwatch export`) give a new
     entry, and the out-of-date ones of the same model are deleted.
     """
     models = cache_dir() / "models"
-    manifest = artifact_manifest(source)
-    model_key = _digest([source, version], 16)
+    manifest = artifact_manifest(model.source)
+    model_key = _digest([model.source, model.version], 16)
     entry = models / f"{model_key}-{_digest(manifest, 12)}"
     bundle_dir = _whole_entry(entry, manifest)
     if bundle_dir is None:
-        bundle_dir = _publish(uri, source, version, manifest, entry)
-        _remove_stale_entries(models, model_key, entry, source)
+        bundle_dir = _publish(model, manifest, entry)
+        _remove_stale_entries(models, model_key, entry, model.source)
     return bundle_dir
 
 
@@ -361,12 +370,12 @@ def _whole_entry(entry: Path, manifest: dict[str, int]) -> Path | None:
     return None
 
 
-def _publish(uri: str, source: str, version: str | None, manifest: dict[str, int], entry: Path) -> Path:
+def _publish(model: _PinnedModel, manifest: dict[str, int], entry: Path) -> Path:
     """Download into a hidden folder beside `entry`, then rename it into place: an entry is whole or absent."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-part-"))
     try:
-        root, bundle_dir = _fetch_bundle(uri, source, version, staging / "files")
+        root, bundle_dir = _fetch_bundle(model, staging / "files")
         (staging / "layout.json").write_text(json.dumps({"root": str(root.relative_to(staging)),
                                                          "bundle": str(bundle_dir.relative_to(staging))}))
         for attempt in range(2):
@@ -391,6 +400,33 @@ def _retire(entry: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.rename(entry, retired / "entry")
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def cached_models() -> list[dict[str, Any]]:
+    """The model cache's entries: folder, run id, registry version, MB on disk, when fetched (newest first)."""
+    models = cache_dir() / "models"
+    rows = []
+    for entry in sorted(models.glob("[!.]*")) if models.is_dir() else []:
+        try:
+            bundle_dir = entry / json.loads((entry / "layout.json").read_text())["bundle"]
+            metadata = json.loads((bundle_dir / "metadata.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            metadata = {}
+        rows.append({"entry": str(entry), "run_id": metadata.get("run_id"),
+                     "model_version": metadata.get("model_version"),
+                     "mb": round(sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) / 1e6, 1),
+                     "fetched": time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.stat().st_mtime))})
+    return sorted(rows, key=lambda row: row["fetched"], reverse=True)
+
+
+def clear_model_cache() -> tuple[int, float]:
+    """Delete every cached model (and half-done downloads); returns (entries, MB) freed. Loads fetch them again."""
+    models = cache_dir() / "models"
+    rows = cached_models()
+    if models.is_dir():
+        for entry in models.iterdir():
+            shutil.rmtree(entry, ignore_errors=True)
+    return len(rows), sum(row["mb"] for row in rows)
 
 
 def _remove_stale_entries(models: Path, model_key: str, current: Path, source: str) -> None:

@@ -2,6 +2,8 @@
 never left behind in the temp folder (each load used to leave a 30 MB copy there)."""
 
 import json
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -12,6 +14,8 @@ import pytest
 
 from maskwatch import tracking
 from maskwatch.detect import Predictor
+
+MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
 
 
 @pytest.fixture
@@ -107,3 +111,19 @@ def visible(cache: Path) -> list[Path]:
 def hidden(cache: Path) -> list[Path]:
     """Half-done downloads and retired copies: none may be left."""
     return sorted(path for path in cache.iterdir() if path.name.startswith("."))
+
+
+def test_the_cache_is_listed_and_cleared_from_the_command_line(registered):
+    settings, run_id, cache = registered
+    tracking.resolve_model_uri("models:/maskwatch@champion", settings)
+    listed = subprocess.run([MASKWATCH, "models", "cache", "--json"], capture_output=True, text=True, timeout=120)
+    rows = json.loads(listed.stdout)
+    assert [(row["model_version"], row["run_id"]) for row in rows] == [("1", run_id)] and rows[0]["mb"] > 1
+    table = subprocess.run([MASKWATCH, "models", "cache"], capture_output=True, text=True, timeout=120).stdout
+    assert run_id in table and str(cache) in table
+    cleared = subprocess.run([MASKWATCH, "models", "cache", "--clear"], capture_output=True, text=True, timeout=120)
+    assert cleared.returncode == 0 and f"deleted 1 cached models ({rows[0]['mb']:.1f} MB)" in cleared.stdout
+    assert list(cache.iterdir()) == []
+    assert "no models cached" in subprocess.run([MASKWATCH, "models", "cache"], capture_output=True, text=True,
+                                                timeout=120).stdout
+    assert (tracking.resolve_model_uri("models:/maskwatch@champion", settings) / "model.keras").is_file()
