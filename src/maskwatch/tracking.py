@@ -243,12 +243,21 @@ def _client():
 
 
 def registry_version(uri: str) -> str:
-    """models:/name/3 -> "3"; models:/name@alias -> the version that holds the alias now."""
+    """models:/name/3 -> "3"; models:/name@alias and models:/name/latest -> the version they name now."""
+    from mlflow.exceptions import MlflowException
+
     name, _, version = uri.removeprefix("models:/").partition("/")
     if "@" in name:
         name, alias = name.split("@", 1)
         return str(_client().get_model_version_by_alias(name, alias).version)
-    return version
+    if version.isdigit():
+        return version
+    if version.lower() != "latest":  # MLflow's stages (Production, ...) are deprecated: aliases replace them
+        raise MlflowException(f"{uri}: name a version as a number, 'latest' or @alias (e.g. models:/{name}@champion)")
+    numbers = [int(found.version) for found in _client().search_model_versions(f"name = '{name}'")]
+    if not numbers:
+        raise MlflowException(f"registered model '{name}' has no versions")
+    return str(max(numbers))
 
 
 def champion_version(name: str, alias: str):

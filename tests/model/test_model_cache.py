@@ -40,6 +40,7 @@ def test_a_registry_model_is_fetched_once_and_leaves_nothing_in_the_temp_folder(
 
     first = tracking.resolve_model_uri("models:/maskwatch@champion", settings)
     again = tracking.resolve_model_uri("models:/maskwatch/1", settings)
+    assert tracking.resolve_model_uri("models:/maskwatch/latest", settings) == first
     by_run = tracking.resolve_model_uri(f"runs:/{run_id}/model", settings)
 
     assert list(temp.iterdir()) == []
@@ -127,3 +128,11 @@ def test_the_cache_is_listed_and_cleared_from_the_command_line(registered):
     assert "no models cached" in subprocess.run([MASKWATCH, "models", "cache"], capture_output=True, text=True,
                                                 timeout=120).stdout
     assert (tracking.resolve_model_uri("models:/maskwatch@champion", settings) / "model.keras").is_file()
+
+
+def test_a_version_named_some_other_way_is_a_clear_error(registered):
+    from mlflow.exceptions import MlflowException
+
+    settings, _, _ = registered
+    with pytest.raises(MlflowException, match="a number, 'latest' or @alias"):
+        tracking.resolve_model_uri("models:/maskwatch/Production", settings)
