@@ -213,7 +213,7 @@ def start_maskwatch_serve(args: list[str], log: Path, env: dict | None = None, c
     with open(log, "w") as handle:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "maskwatch"), "serve", *args, "--port", str(port),
                                  "--workers", "2"], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=as_from_a_terminal)
     url = f"http://127.0.0.1:{port}"
     deadline, ready_answers = time.time() + 180, 0
     while time.time() < deadline and ready_answers < 6:  # both workers have loaded the model
@@ -228,6 +228,14 @@ def start_maskwatch_serve(args: list[str], log: Path, env: dict | None = None, c
         stop_server(proc)
         pytest.fail(f"gunicorn did not become ready:\n{log.read_text()[-3000:]}")
     return url, proc
+
+
+def as_from_a_terminal() -> None:
+    """preexec_fn for CLI processes whose Ctrl-C handling is tested: a shell running jobs in the background (as CI
+    may) starts them with SIGINT ignored, which maskwatch then rightly keeps ignoring; a terminal does not."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_server(proc) -> None:

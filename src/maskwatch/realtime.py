@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import queue
-import signal
 import threading
 import time
 from collections import Counter, deque
@@ -21,6 +20,7 @@ import numpy as np
 from maskwatch.config import RealtimeConfig
 from maskwatch.detect import Detection, MaskDetector, draw_detections
 from maskwatch.preprocessing import match_boxes
+from maskwatch.signals import handling_stop_signals
 
 
 class VideoSourceError(RuntimeError):
@@ -180,9 +180,6 @@ def open_display(window: str) -> None:
         ) from err
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
-
-
 def run_video(mask_detector: MaskDetector, source: int | str, display: bool = True, output: Path | None = None,
               json_path: Path | None = None, max_frames: int | None = None, latest_only: bool | None = None,
               window: str = "maskwatch", tracker: FaceTracker | None = None) -> RunSummary:
@@ -196,62 +193,58 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
     last_label: dict[int, str] = {}  # each followed face's latest label
     frames = faces = 0
     stop = threading.Event()
+    started = time.perf_counter()
     # Ctrl-C, `kill`, a service manager's stop or a closed terminal end the loop like `q`: the video file gets
     # its index (an .mp4 killed mid-write does not play) and the summary is printed.
-    previous_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        previous_handlers = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in STOP_SIGNALS}
-    started = time.perf_counter()
-    try:
-        if json_path:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_file = open(json_path, "w")
-        while not stop.is_set() and (max_frames is None or frames < max_frames):
-            t0 = time.perf_counter()
-            frame = reader.read()
-            if frame is None:
-                break
-            t1 = time.perf_counter()
-            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-            detections = mask_detector.detect(rgb)
-            if tracker is not None:
-                detections = tracker.update(detections)
-                last_label.update((d.track_id, d.label) for d in detections)
-            t2 = time.perf_counter()
-            recent.append(t2)
-            fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
-            annotated = cv2.cvtColor(draw_detections(rgb, detections, fps=fps), cv2.COLOR_RGB2BGR)
-            t3 = time.perf_counter()
-            if output is not None:
-                if writer is None:
-                    writer = _open_writer(output, annotated.shape, reader.fps)
-                writer.write(annotated)
+    with handling_stop_signals(lambda *_: stop.set()):
+        try:
+            if json_path:
+                json_path.parent.mkdir(parents=True, exist_ok=True)
+                json_file = open(json_path, "w")
+            while not stop.is_set() and (max_frames is None or frames < max_frames):
+                t0 = time.perf_counter()
+                frame = reader.read()
+                if frame is None:
+                    break
+                t1 = time.perf_counter()
+                rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                detections = mask_detector.detect(rgb)
+                if tracker is not None:
+                    detections = tracker.update(detections)
+                    last_label.update((d.track_id, d.label) for d in detections)
+                t2 = time.perf_counter()
+                recent.append(t2)
+                fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
+                annotated = cv2.cvtColor(draw_detections(rgb, detections, fps=fps), cv2.COLOR_RGB2BGR)
+                t3 = time.perf_counter()
+                if output is not None:
+                    if writer is None:
+                        writer = _open_writer(output, annotated.shape, reader.fps)
+                    writer.write(annotated)
+                if json_file:
+                    json_file.write(json.dumps({"frame": frames, "time_s": round(t2 - started, 4),
+                                                "detections": [d.to_dict() for d in detections]}) + "\n")
+                if display:
+                    cv2.imshow(window, annotated)
+                    if cv2.waitKey(1) & 0xFF == ord("q"):
+                        stop.set()
+                t4 = time.perf_counter()
+                timings = mask_detector.last_timings
+                times.capture.append((t1 - t0) * 1e3)
+                times.detect.append(timings.detect_ms)
+                times.classify.append(timings.classify_ms)
+                times.draw.append((t3 - t2) * 1e3)
+                times.output.append((t4 - t3) * 1e3)
+                frames += 1
+                faces += len(detections)
+        finally:
+            reader.close()
+            if writer is not None:
+                writer.release()
             if json_file:
-                json_file.write(json.dumps({"frame": frames, "time_s": round(t2 - started, 4),
-                                            "detections": [d.to_dict() for d in detections]}) + "\n")
+                json_file.close()
             if display:
-                cv2.imshow(window, annotated)
-                if cv2.waitKey(1) & 0xFF == ord("q"):
-                    stop.set()
-            t4 = time.perf_counter()
-            timings = mask_detector.last_timings
-            times.capture.append((t1 - t0) * 1e3)
-            times.detect.append(timings.detect_ms)
-            times.classify.append(timings.classify_ms)
-            times.draw.append((t3 - t2) * 1e3)
-            times.output.append((t4 - t3) * 1e3)
-            frames += 1
-            faces += len(detections)
-    finally:
-        reader.close()
-        if writer is not None:
-            writer.release()
-        if json_file:
-            json_file.close()
-        if display:
-            cv2.destroyAllWindows()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
+                cv2.destroyAllWindows()
     seconds = time.perf_counter() - started
     tracks_by_label = dict(Counter(last_label.values()).most_common()) if tracker is not None else None
     return RunSummary(frames, seconds, frames / seconds if seconds else 0.0, faces, reader.dropped, times.summary(),

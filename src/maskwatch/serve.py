@@ -343,8 +343,9 @@ def run_server(command: list[str], env: dict[str, str]) -> int:
     stops its workers gracefully and this process lives to remove its temporary folder; before, SIGTERM killed
     it at once, leaving gunicorn running orphaned or the folder behind.
     """
-    import signal
     import subprocess
+
+    from maskwatch.signals import handling_stop_signals
 
     server = subprocess.Popen(command, env=env)
 
@@ -353,13 +354,8 @@ def run_server(command: list[str], env: dict[str, str]) -> int:
             server.send_signal(signum)
 
     # SIGHUP too: to gunicorn it means "reload the workers", which is what a HUP to the server should do.
-    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, forward) for signum in stop_signals}
-    try:
+    with handling_stop_signals(forward):
         return server.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def serve_environment(settings: Settings, model_uri: str | None, metrics_dir: str) -> dict[str, str]:

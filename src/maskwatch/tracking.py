@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from maskwatch.config import Settings, cache_dir
+from maskwatch.signals import STOP_SIGNALS, handling_stop_signals
 
 
 MODEL_ARTIFACT = "model"
@@ -102,24 +102,10 @@ class RunStopped(KeyboardInterrupt):
     """A stop signal (SIGTERM, SIGHUP) arrived during a run: unwinds like Ctrl-C, so the run is closed."""
 
 
-@contextlib.contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
+def _raise_run_stopped(signum: int, _frame) -> None:
     # By default SIGTERM (a service manager, a cluster's preemption, `kill`) ends Python at once, and the MLflow
     # run stays RUNNING for ever; raised as an exception it unwinds through the run like Ctrl-C.
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, _frame):
-        raise RunStopped(f"stopped by {signal.Signals(signum).name}")
-
-    stop_signals = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
-    previous = {signum: signal.signal(signum, interrupt) for signum in stop_signals}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    raise RunStopped(f"stopped by {signal.Signals(signum).name}")
 
 
 @contextlib.contextmanager
@@ -127,7 +113,8 @@ def _closed_run(run_name: str) -> Iterator[Any]:
     """mlflow.start_run that records how the run ended: FINISHED, FAILED on an error, and KILLED on Ctrl-C or a
     stop signal (MLflow itself calls Ctrl-C FAILED, and SIGTERM left the run RUNNING)."""
     mlflow = _mlflow()
-    with _stop_signals_interrupt(), mlflow.start_run(run_name=run_name) as run:
+    stop_signals = tuple(signum for signum in STOP_SIGNALS if signum != signal.SIGINT)  # SIGINT raises already
+    with handling_stop_signals(_raise_run_stopped, stop_signals), mlflow.start_run(run_name=run_name) as run:
         try:
             yield run
         except KeyboardInterrupt as stop:

@@ -179,11 +179,12 @@ def test_a_training_stopped_by_a_signal_is_recorded_as_killed(stop_signal, tmp_p
 
     from mlflow import MlflowClient
 
-    from conftest import cli_env
+    from conftest import as_from_a_terminal, cli_env
 
     proc = subprocess.Popen([MASKWATCH, "train", "--set", "data.max_photos=24", "--set", "train.phase1_epochs=40",
                              "--set", "train.early_stopping_patience=null"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path, data_dir), cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path, data_dir), cwd=tmp_path,
+                            preexec_fn=as_from_a_terminal)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         deadline, run = time.time() + 300, None

@@ -109,13 +109,16 @@ def test_a_stop_signal_ends_a_recording_with_a_playable_video(stop_signal, tiny_
                                                               tmp_path):
     """`maskwatch webcam --output` run by a service manager is stopped with SIGTERM: it used to die at once,
     leaving an .mp4 without its index (no player opens it) and the last JSON lines unwritten."""
+    from conftest import as_from_a_terminal
+
     long_video = make_test_video([data_dir / "images" / f"maksssksksss{i}.jpg" for i in (0, 1, 4)],
                                  tmp_path / "long.mp4", frames_per_photo=200)
     recording, frames_json = tmp_path / "recording.mp4", tmp_path / "frames.jsonl"
     env = {**os.environ, "MASKWATCH_YUNET_PATH": str(yunet_path)}
     proc = subprocess.Popen([MASKWATCH, "webcam", "--source", str(long_video), "--model", str(tiny_bundle),
                              "--no-display", "--output", str(recording), "--json", str(frames_json)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=as_from_a_terminal)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (recording.exists() and recording.stat().st_size > 50_000):
