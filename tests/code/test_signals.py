@@ -9,8 +9,10 @@ from maskwatch.signals import STOP_SIGNALS, handling_stop_signals
 
 def test_signals_are_handled_inside_and_restored_after():
     received = []
-    # As in a terminal (a background CI shell starts pytest with SIGINT ignored).
-    outer_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # As in a terminal: CI may start pytest with SIGINT (a background job) or SIGHUP (nohup) ignored.
+    as_in_a_terminal = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                        signal.SIGHUP: signal.SIG_DFL}
+    outer = {signum: signal.signal(signum, handler) for signum, handler in as_in_a_terminal.items()}
     try:
         before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
         with handling_stop_signals(lambda signum, _frame: received.append(signum)) as handled:
@@ -20,7 +22,8 @@ def test_signals_are_handled_inside_and_restored_after():
         assert received == [signal.SIGTERM, signal.SIGINT]
         assert {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} == before
     finally:
-        signal.signal(signal.SIGINT, outer_sigint)
+        for signum, handler in outer.items():
+            signal.signal(signum, handler)
 
 
 def test_a_signal_ignored_at_start_stays_ignored():
