@@ -486,17 +486,25 @@ def models_list(config: ConfigOpt = None, tracking_uri: TrackingOpt = None,
         rows = tracking.list_versions(settings)
     except _known_errors() as error:
         _fail(str(error))
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        typer.echo(f"no versions of '{settings.tracking.registered_model_name}' yet: run `maskwatch train`")
-        return
-    typer.echo(f"{'version':>8}  {'aliases':<12}{'test_macro_f1':>14}{'test_accuracy':>14}  run_id")
-    for row in rows:
+    def line(row: dict) -> str:
         f1 = f"{row['test_macro_f1']:.4f}" if row["test_macro_f1"] is not None else "-"
         acc = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else "-"
-        typer.echo(f"{row['version']:>8}  {','.join(row['aliases']) or '-':<12}{f1:>14}{acc:>14}  {row['run_id']}")
+        return f"{row['version']:>8}  {','.join(row['aliases']) or '-':<12}{f1:>14}{acc:>14}  {row['run_id']}"
+
+    _echo_rows(rows, as_json, f"no versions of '{settings.tracking.registered_model_name}' yet: run `maskwatch train`",
+               f"{'version':>8}  {'aliases':<12}{'test_macro_f1':>14}{'test_accuracy':>14}  run_id", line)
+
+
+def _echo_rows(rows: list[dict], as_json: bool, when_empty: str, header: str, line) -> None:
+    """A listing command's output: the rows as JSON with --json, else `when_empty` or a header and a line each."""
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        typer.echo(when_empty)
+    else:
+        typer.echo(header)
+        for row in rows:
+            typer.echo(line(row))
 
 
 @models_app.command("promote")
@@ -528,17 +536,12 @@ def models_cache(clear: Annotated[bool, typer.Option("--clear", help="Delete eve
         entries, megabytes = tracking.clear_model_cache()
         typer.echo(f"deleted {entries} cached models ({megabytes:.1f} MB) from {cache_dir() / 'models'}")
         return
-    rows = tracking.cached_models()
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        typer.echo(f"no models cached in {cache_dir() / 'models'}")
-        return
-    typer.echo(f"{'version':>8}  {'MB':>6}  {'fetched':<16}  {'run_id':<32}  entry")
-    for row in rows:
+    def line(row: dict) -> str:
         version, run_id = row["model_version"] or "-", row["run_id"] or "-"
-        typer.echo(f"{version:>8}  {row['mb']:>6.1f}  {row['fetched']:<16}  {run_id:<32}  {row['entry']}")
+        return f"{version:>8}  {row['mb']:>6.1f}  {row['fetched']:<16}  {run_id:<32}  {row['entry']}"
+
+    _echo_rows(tracking.cached_models(), as_json, f"no models cached in {cache_dir() / 'models'}",
+               f"{'version':>8}  {'MB':>6}  {'fetched':<16}  {'run_id':<32}  entry", line)
 
 
 @config_app.command("show")

@@ -229,22 +229,22 @@ def _client():
     return _mlflow().MlflowClient()
 
 
-def registry_version(uri: str) -> str:
-    """models:/name/3 -> "3"; models:/name@alias and models:/name/latest -> the version they name now."""
+def registry_model_version(uri: str):
+    """The registry's ModelVersion that models:/name/3, models:/name/latest or models:/name@alias names now."""
     from mlflow.exceptions import MlflowException
 
     name, _, version = uri.removeprefix("models:/").partition("/")
     if "@" in name:
         name, alias = name.split("@", 1)
-        return str(_client().get_model_version_by_alias(name, alias).version)
+        return _client().get_model_version_by_alias(name, alias)
     if version.isdigit():
-        return version
+        return _client().get_model_version(name, version)
     if version.lower() != "latest":  # MLflow's stages (Production, ...) are deprecated: aliases replace them
         raise MlflowException(f"{uri}: name a version as a number, 'latest' or @alias (e.g. models:/{name}@champion)")
-    numbers = [int(found.version) for found in _client().search_model_versions(f"name = '{name}'")]
-    if not numbers:
+    versions = _client().search_model_versions(f"name = '{name}'")
+    if not versions:
         raise MlflowException(f"registered model '{name}' has no versions")
-    return str(max(numbers))
+    return max(versions, key=lambda found: int(found.version))
 
 
 def champion_version(name: str, alias: str):
@@ -283,10 +283,9 @@ def _pinned(uri: str) -> _PinnedModel:
         return _PinnedModel(uri, source, None, run_id)
     if not uri.startswith("models:/"):
         return _PinnedModel(uri, uri, None, None)
-    name = uri.removeprefix("models:/").split("/")[0].split("@")[0]
-    version = _client().get_model_version(name, registry_version(uri))
-    return _PinnedModel(uri, _client().get_model_version_download_uri(name, version.version), str(version.version),
-                        version.run_id)
+    version = registry_model_version(uri)
+    return _PinnedModel(uri, _client().get_model_version_download_uri(version.name, version.version),
+                        str(version.version), version.run_id)
 
 
 def _fetch_bundle(model: _PinnedModel, target: Path) -> tuple[Path, Path]:
@@ -445,11 +444,7 @@ def attach_to_registered_model(uri: str, settings: Settings, files: list[Path]) 
     if uri.startswith("runs:/"):
         run_id = uri.removeprefix("runs:/").split("/")[0]
     else:
-        name, _, ref = uri.removeprefix("models:/").partition("@")
-        client = _client()
-        version = (client.get_model_version_by_alias(name, ref) if ref
-                   else client.get_model_version(*uri.removeprefix("models:/").split("/")[:2]))
-        run_id = version.run_id
+        run_id = registry_model_version(uri).run_id
     for path in files:
         _client().log_artifact(run_id, str(path), artifact_path=f"{MODEL_ARTIFACT}/data")
     return run_id
