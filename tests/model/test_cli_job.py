@@ -185,7 +185,8 @@ def test_a_training_stopped_by_a_signal_is_recorded_as_killed(stop_signal, tmp_p
                              "--set", "train.early_stopping_patience=null"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path, data_dir), cwd=tmp_path,
                             preexec_fn=as_from_a_terminal)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store, registry_uri=store)  # not a registry another test set for this process
     try:
         deadline, run = time.time() + 300, None
         while time.time() < deadline and proc.poll() is None:
