@@ -98,14 +98,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-class RunStopped(KeyboardInterrupt):
-    """A stop signal (SIGTERM, SIGHUP) arrived during a run: unwinds like Ctrl-C, so the run is closed."""
+class RunStopped(SystemExit):
+    """A stop signal (SIGTERM, SIGHUP) arrived during a run. It unwinds through the run, so the run is closed, and
+    then ends the process with 128 + the signal's number (143 for SIGTERM), the status a shell and a service
+    manager give a process that signal killed. Ctrl-C stays a KeyboardInterrupt (exit 130)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+    def __str__(self) -> str:
+        return f"stopped by {self.signal_name}"
 
 
 def _raise_run_stopped(signum: int, _frame) -> None:
     # By default SIGTERM (a service manager, a cluster's preemption, `kill`) ends Python at once, and the MLflow
     # run stays RUNNING for ever; raised as an exception it unwinds through the run like Ctrl-C.
-    raise RunStopped(f"stopped by {signal.Signals(signum).name}")
+    raise RunStopped(signum)
 
 
 @contextlib.contextmanager
@@ -117,10 +126,10 @@ def _closed_run(run_name: str) -> Iterator[Any]:
     with handling_stop_signals(_raise_run_stopped, stop_signals), mlflow.start_run(run_name=run_name) as run:
         try:
             yield run
-        except KeyboardInterrupt as stop:
+        except (KeyboardInterrupt, RunStopped) as stop:
             mlflow.end_run(status="KILLED")
             log.warning("%s: MLflow run %s recorded as KILLED; nothing was registered",
-                        stop or "stopped by Ctrl-C", run.info.run_id)
+                        str(stop) or "stopped by Ctrl-C", run.info.run_id)
             raise
 
 
