@@ -4,6 +4,9 @@ named by MASKWATCH_SHARED_DIR / KERAS_HOME / MASKWATCH_DATA_DIR / MASKWATCH_YUNE
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -203,8 +206,6 @@ def start_maskwatch_serve(args: list[str], log: Path, env: dict | None = None, c
 
     Returns (url, process); the caller stops it with stop_server.
     """
-    import subprocess
-    import sys
     import time
     import urllib.request
 
@@ -245,6 +246,44 @@ def stop_server(proc) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    process: "subprocess.Popen"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real `mlflow server` (SQLite store, proxied artifacts) on a free localhost port."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = MlflowServer(f"http://127.0.0.1:{port}", proc)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(server.uri + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield server
+    if proc.poll() is None:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

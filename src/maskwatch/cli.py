@@ -537,11 +537,11 @@ def models_cache(clear: Annotated[bool, typer.Option("--clear", help="Delete eve
         typer.echo(f"deleted {entries} cached models ({megabytes:.1f} MB) from {cache_dir() / 'models'}")
         return
     def line(row: dict) -> str:
-        version, run_id = row["model_version"] or "-", row["run_id"] or "-"
-        return f"{version:>8}  {row['mb']:>6.1f}  {row['fetched']:<16}  {run_id:<32}  {row['entry']}"
+        model_uri, store = row["uri"] or f"run {row['run_id'] or '-'}", row["tracking_uri"] or "-"
+        return f"{model_uri:<28}  {row['mb']:>6.1f}  {row['fetched']:<16}  {store:<28}  {row['entry']}"
 
     _echo_rows(tracking.cached_models(), as_json, f"no models cached in {cache_dir() / 'models'}",
-               f"{'version':>8}  {'MB':>6}  {'fetched':<16}  {'run_id':<32}  entry", line)
+               f"{'model':<28}  {'MB':>6}  {'fetched':<16}  {'from':<28}  entry", line)
 
 
 @config_app.command("show")

@@ -283,18 +283,28 @@ class _PinnedModel:
     source: str  # an artifact URI that cannot move
     version: str | None  # the registry version, for models:/ URIs
     run_id: str | None
+    pinned_uri: str | None = None  # models:/name/3 or runs:/id/path: what names these files for good
+
+
+def _pinned_form(uri: str) -> str | None:
+    """models:/name/3 and runs:/id/path (normalised) name the same files for good; aliases and `latest` move."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        return f"runs:/{run_id}/{path.strip('/')}"
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    return uri if uri.startswith("models:/") and "@" not in name and version.isdigit() else None
 
 
 def _pinned(uri: str) -> _PinnedModel:
     if uri.startswith("runs:/"):
         run_id, _, path = uri.removeprefix("runs:/").partition("/")
         source = f"{_client().get_run(run_id).info.artifact_uri.rstrip('/')}/{path}".rstrip("/")
-        return _PinnedModel(uri, source, None, run_id)
+        return _PinnedModel(uri, source, None, run_id, _pinned_form(uri))
     if not uri.startswith("models:/"):
         return _PinnedModel(uri, uri, None, None)
     version = registry_model_version(uri)
     return _PinnedModel(uri, _client().get_model_version_download_uri(version.name, version.version),
-                        str(version.version), version.run_id)
+                        str(version.version), version.run_id, f"models:/{version.name}/{version.version}")
 
 
 def _fetch_bundle(model: _PinnedModel, target: Path) -> tuple[Path, Path]:
@@ -362,14 +372,24 @@ def _cached_bundle(model: _PinnedModel) -> Path:
     return bundle_dir
 
 
-def _whole_entry(entry: Path, manifest: dict[str, int]) -> Path | None:
-    """The bundle folder of a published entry holding every listed file at its listed size, else None."""
+def _entry_layout(entry: Path) -> dict[str, Any] | None:
+    """An entry's layout.json: where its files and bundle are, its file list, and which store and URI it came
+    from (entries written before those were recorded lack them); None if unreadable."""
     try:
         layout = json.loads((entry / "layout.json").read_text())
+        return layout if isinstance(layout, dict) and {"root", "bundle"} <= layout.keys() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _whole_entry(entry: Path, manifest: dict[str, int]) -> Path | None:
+    """The bundle folder of a published entry holding every listed file at its listed size, else None."""
+    layout = _entry_layout(entry)
+    try:
         root = entry / layout["root"]
         if all((root / name).stat().st_size == size for name, size in manifest.items()):
             return entry / layout["bundle"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, KeyError, TypeError):
         pass
     return None
 
@@ -380,8 +400,10 @@ def _publish(model: _PinnedModel, manifest: dict[str, int], entry: Path) -> Path
     staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-part-"))
     try:
         root, bundle_dir = _fetch_bundle(model, staging / "files")
-        (staging / "layout.json").write_text(json.dumps({"root": str(root.relative_to(staging)),
-                                                         "bundle": str(bundle_dir.relative_to(staging))}))
+        (staging / "layout.json").write_text(json.dumps({
+            "root": str(root.relative_to(staging)), "bundle": str(bundle_dir.relative_to(staging)),
+            "manifest": manifest, "pinned_uri": model.pinned_uri,
+            "tracking_uri": _mlflow().get_tracking_uri().rstrip("/")}))
         for attempt in range(2):
             try:
                 os.rename(staging, entry)
@@ -407,20 +429,52 @@ def _retire(entry: Path) -> None:
 
 
 def cached_models() -> list[dict[str, Any]]:
-    """The model cache's entries: folder, run id, registry version, MB on disk, when fetched (newest first)."""
+    """The model cache's entries: folder, the URI that names them for good and its store, run id, registry version,
+    MB on disk, when fetched (newest first)."""
     models = cache_dir() / "models"
-    rows = []
-    for entry in sorted(models.glob("[!.]*")) if models.is_dir() else []:
+    timed_rows = []
+    for entry in models.glob("[!.]*") if models.is_dir() else []:
+        layout = _entry_layout(entry) or {}
         try:
-            bundle_dir = entry / json.loads((entry / "layout.json").read_text())["bundle"]
-            metadata = json.loads((bundle_dir / "metadata.json").read_text())
+            metadata = json.loads((entry / layout["bundle"] / "metadata.json").read_text())
         except (OSError, ValueError, KeyError, TypeError):
             metadata = {}
-        rows.append({"entry": str(entry), "run_id": metadata.get("run_id"),
-                     "model_version": metadata.get("model_version"),
-                     "mb": round(sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) / 1e6, 1),
-                     "fetched": time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.stat().st_mtime))})
-    return sorted(rows, key=lambda row: row["fetched"], reverse=True)
+        try:
+            fetched, size = entry.stat().st_mtime, sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        except FileNotFoundError:  # replaced by a concurrent load meanwhile
+            continue
+        timed_rows.append((fetched, {
+            "entry": str(entry), "uri": layout.get("pinned_uri"), "tracking_uri": layout.get("tracking_uri"),
+            "run_id": metadata.get("run_id"), "model_version": metadata.get("model_version"),
+            "mb": round(size / 1e6, 1), "fetched": time.strftime("%Y-%m-%d %H:%M", time.localtime(fetched))}))
+    return [row for _, row in sorted(timed_rows, key=lambda pair: pair[0], reverse=True)]
+
+
+def _offline_bundle(uri: str, tracking_uri: str, down: TrackingUnavailableError) -> Path:
+    """The cached copy of models:/name/3 or runs:/id/path fetched from this tracking server, while it is down.
+
+    Those URIs name the same files for good, so the copy is what the server would give, less any files attached
+    since it was fetched. An alias or `latest` may have moved meanwhile: it is not guessed, and the error names
+    the versions the cache holds instead.
+    """
+    wanted, store = _pinned_form(uri), tracking_uri.rstrip("/")
+    from_store = [row for row in cached_models() if row["tracking_uri"] == store and row["uri"]]
+    for row in from_store:  # newest first
+        if row["uri"] != wanted:
+            continue
+        bundle_dir = _whole_entry(Path(row["entry"]), (_entry_layout(Path(row["entry"])) or {}).get("manifest", {}))
+        if bundle_dir is not None:  # a damaged copy is passed over: the error below is clearer than a bad load
+            log.warning("%s; loading %s from the model cache (fetched %s), without any file attached since",
+                        down, wanted, row["fetched"])
+            return bundle_dir
+    name = uri.removeprefix("models:/").split("/")[0].split("@")[0]
+    held = sorted({row["uri"] for row in from_store if row["uri"].startswith(f"models:/{name}/")},
+                  key=lambda held_uri: -int(held_uri.rsplit("/", 1)[1]))
+    if uri.startswith("models:/") and held:
+        moves = "" if wanted else "; an alias or 'latest' is not guessed, as it may have moved since"
+        raise TrackingUnavailableError(f"{down}. The model cache holds {', '.join(held)} from it, which "
+                                       f"load{'s' if len(held) == 1 else ''} offline{moves}") from down
+    raise down
 
 
 def clear_model_cache() -> tuple[int, float]:
@@ -462,7 +516,10 @@ def attach_to_registered_model(uri: str, settings: Settings, files: list[Path]) 
 def resolve_model_uri(uri: str, settings: Settings) -> Path:
     """models:/name@alias, models:/name/3, runs:/id/model -> local bundle folder; paths pass through."""
     if uri.startswith(("models:/", "runs:/")):
-        configure(settings)
+        try:
+            configure(settings)
+        except TrackingUnavailableError as down:  # a pinned version already fetched still loads
+            return _offline_bundle(uri, settings.tracking_uri, down)
         return download_model(uri)
     return Path(uri)
 

@@ -2,6 +2,7 @@
 never left behind in the temp folder (each load used to leave a 30 MB copy there)."""
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,20 @@ import pytest
 from maskwatch import tracking
 from maskwatch.detect import Predictor
 
+from conftest import free_port
+
 MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
+
+
+def register_tiny_bundle(tiny_bundle: Path, settings) -> str:
+    """Log the tiny bundle as training does and register it as maskwatch v1 @champion; returns the run id."""
+    model = keras.models.load_model(tiny_bundle / "model.keras")
+    metadata = {**json.loads((tiny_bundle / "metadata.json").read_text()), "model_version": None}  # as training logs it
+    with tracking.training_run(settings, "cache-test") as run_id:
+        version = tracking.log_keras_model(model, np.zeros((1, 160, 160, 3), np.float32), metadata, "maskwatch",
+                                           extra_files=[tiny_bundle / "model_float.tflite"])
+    tracking.promote(settings, version)
+    return run_id
 
 
 @pytest.fixture
@@ -23,13 +37,7 @@ def registered(tiny_bundle, settings_factory, tmp_path, monkeypatch):
     """The tiny bundle logged and registered as maskwatch v1 @champion in a fresh SQLite store."""
     monkeypatch.setenv("MASKWATCH_CACHE_DIR", str(tmp_path / "cache"))
     settings = settings_factory()
-    model = keras.models.load_model(tiny_bundle / "model.keras")
-    metadata = {**json.loads((tiny_bundle / "metadata.json").read_text()), "model_version": None}  # as training logs it
-    with tracking.training_run(settings, "cache-test") as run_id:
-        version = tracking.log_keras_model(model, np.zeros((1, 160, 160, 3), np.float32), metadata, "maskwatch",
-                                           extra_files=[tiny_bundle / "model_float.tflite"])
-    tracking.promote(settings, version)
-    return settings, run_id, tmp_path / "cache" / "models"
+    return settings, register_tiny_bundle(tiny_bundle, settings), tmp_path / "cache" / "models"
 
 
 def test_a_registry_model_is_fetched_once_and_leaves_nothing_in_the_temp_folder(registered, tmp_path, monkeypatch):
@@ -120,8 +128,9 @@ def test_the_cache_is_listed_and_cleared_from_the_command_line(registered):
     listed = subprocess.run([MASKWATCH, "models", "cache", "--json"], capture_output=True, text=True, timeout=120)
     rows = json.loads(listed.stdout)
     assert [(row["model_version"], row["run_id"]) for row in rows] == [("1", run_id)] and rows[0]["mb"] > 1
+    assert (rows[0]["uri"], rows[0]["tracking_uri"]) == ("models:/maskwatch/1", settings.tracking_uri)
     table = subprocess.run([MASKWATCH, "models", "cache"], capture_output=True, text=True, timeout=120).stdout
-    assert run_id in table and str(cache) in table
+    assert "models:/maskwatch/1" in table and settings.tracking_uri in table and str(cache) in table
     cleared = subprocess.run([MASKWATCH, "models", "cache", "--clear"], capture_output=True, text=True, timeout=120)
     assert cleared.returncode == 0 and f"deleted 1 cached models ({rows[0]['mb']:.1f} MB)" in cleared.stdout
     assert list(cache.iterdir()) == []
@@ -136,3 +145,49 @@ def test_a_version_named_some_other_way_is_a_clear_error(registered):
     settings, _, _ = registered
     with pytest.raises(MlflowException, match="a number, 'latest' or @alias"):
         tracking.resolve_model_uri("models:/maskwatch/Production", settings)
+
+
+def test_a_pinned_version_loads_from_the_cache_while_the_tracking_server_is_down(
+        tiny_bundle, settings_factory, mlflow_server, tmp_path, monkeypatch, caplog, photo_bytes):
+    """A server restarting during an MLflow outage still starts with models:/name/3 it fetched before; an alias,
+    which may have moved meanwhile, is refused with the versions the cache holds."""
+    from maskwatch.tracking import TrackingUnavailableError
+
+    monkeypatch.setenv("MASKWATCH_CACHE_DIR", str(tmp_path / "cache"))
+    settings = settings_factory(tracking={"tracking_uri": mlflow_server.uri})
+    run_id = register_tiny_bundle(tiny_bundle, settings)
+    pinned = tracking.resolve_model_uri("models:/maskwatch@champion", settings)
+    by_run = tracking.resolve_model_uri(f"runs:/{run_id}/model", settings)
+    mlflow_server.stop()
+
+    assert tracking.resolve_model_uri("models:/maskwatch/1", settings) == pinned
+    assert "loading models:/maskwatch/1 from the model cache" in caplog.text
+    assert tracking.resolve_model_uri(f"runs:/{run_id}/model/", settings) == by_run
+    with pytest.raises(TrackingUnavailableError, match="holds models:/maskwatch/1 from it, which loads offline; an alias"):
+        tracking.resolve_model_uri("models:/maskwatch@champion", settings)
+    with pytest.raises(TrackingUnavailableError, match="not reachable") as never_fetched:
+        tracking.resolve_model_uri("models:/maskwatch/2", settings)
+    assert "holds" in str(never_fetched.value)  # still says what it could load
+    other_server = settings_factory(tracking={"tracking_uri": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(TrackingUnavailableError) as elsewhere:  # the same name on another server is another model
+        tracking.resolve_model_uri("models:/maskwatch/1", other_server)
+    assert "holds" not in str(elsewhere.value)
+
+    # Through the command line as a user runs it: a pinned version works, the alias is a clear error.
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(photo_bytes)
+    env = {**os.environ, "MASKWATCH_TRACKING_URI": mlflow_server.uri}
+    offline = subprocess.run([MASKWATCH, "predict", "--model", "models:/maskwatch/1", "--json", str(photo)],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    assert len(json.loads(offline.stdout)[str(photo)]) >= 1, offline.stdout[:500]
+    by_alias = subprocess.run([MASKWATCH, "predict", "--model", "models:/maskwatch@champion", str(photo)],
+                              capture_output=True, text=True, timeout=300, env=env)
+    assert by_alias.returncode == 2 and "Traceback" not in by_alias.stderr
+    assert "not reachable" in by_alias.stderr and "models:/maskwatch/1" in by_alias.stderr
+
+    # A damaged copy is not served: there is nothing to fetch it again from.
+    with open(pinned / "model.keras", "r+b") as model_file:
+        model_file.truncate(1000)
+    with pytest.raises(TrackingUnavailableError, match="not reachable"):
+        tracking.resolve_model_uri("models:/maskwatch/1", settings)

@@ -1,13 +1,8 @@
 """End-to-end: two-phase training on a few dozen real crops leaves a real MLflow run and registry version."""
 
 import json
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 import keras
 import mlflow
@@ -23,6 +18,8 @@ from maskwatch.pipeline import run_job
 from maskwatch.preprocessing import read_image
 from maskwatch.tracking import TrackingUnavailableError
 from maskwatch.train import train_model
+
+from conftest import free_port
 
 TINY = {"phase1_epochs": 1, "phase2_epochs": 1, "batch_size": 16, "early_stopping_patience": None,
         "reduce_lr_patience": None}
@@ -85,14 +82,8 @@ def test_single_phase_training_returns_history_and_model(small_prepared, setting
     assert (tmp_path / "single.keras").is_file() and model.output_shape == (None, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_tracking_server_fails_fast_before_any_work(settings_factory):
-    port = _free_port()
+    port = free_port()
     settings = settings_factory(tracking={"tracking_uri": f"http://127.0.0.1:{port}"})
     started = time.perf_counter()
     with pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port} is not reachable"):
@@ -101,35 +92,11 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(settings_factory
     assert not (settings.work_dir / "crops").exists()  # failed before preparing or training anything
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_job_against_a_real_mlflow_server(settings_factory, mlflow_server):
-    settings = settings_factory(train=TINY, tracking={"tracking_uri": mlflow_server})
+    settings = settings_factory(train=TINY, tracking={"tracking_uri": mlflow_server.uri})
     result = run_job(settings, run_name="server")
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.uri)
     assert client.get_run(result.run_id).data.metrics["test_accuracy"] == result.evaluation.accuracy
     assert client.get_model_version_by_alias("maskwatch", "champion").run_id == result.run_id
     assert "model/MLmodel" in {a.path for a in client.list_artifacts(result.run_id, "model")}
