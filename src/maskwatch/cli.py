@@ -526,22 +526,28 @@ def models_promote(version: Annotated[str, typer.Argument(help="Registered versi
 
 @models_app.command("cache")
 def models_cache(clear: Annotated[bool, typer.Option("--clear", help="Delete every cached model.")] = False,
+                 keep: Annotated[Optional[int], typer.Option(
+                     min=0, help="Delete all but this many, the most recently used.")] = None,
                  as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
-    """List the registry models fetched into the cache (~/.cache/maskwatch/models, MASKWATCH_CACHE_DIR), or clear
-    it; a cleared model is fetched again when next loaded."""
+    """List the registry models fetched into the cache (~/.cache/maskwatch/models, MASKWATCH_CACHE_DIR), most
+    recently used first, or delete them; a deleted model is fetched again when next loaded. A pinned version in
+    the cache (models:/maskwatch/3) still loads while its tracking server is down."""
     from maskwatch import tracking
     from maskwatch.config import cache_dir
 
-    if clear:
-        entries, megabytes = tracking.clear_model_cache()
+    if clear and keep is not None:
+        _fail("--clear deletes every model and --keep all but some: give one")
+    if clear or keep is not None:
+        entries, megabytes = tracking.clear_model_cache(keep or 0)
         typer.echo(f"deleted {entries} cached models ({megabytes:.1f} MB) from {cache_dir() / 'models'}")
         return
+
     def line(row: dict) -> str:
         model_uri, store = row["uri"] or f"run {row['run_id'] or '-'}", row["tracking_uri"] or "-"
-        return f"{model_uri:<28}  {row['mb']:>6.1f}  {row['fetched']:<16}  {store:<28}  {row['entry']}"
+        return f"{model_uri:<28}  {row['mb']:>6.1f}  {row['last_used']:<16}  {store:<28}  {row['entry']}"
 
     _echo_rows(tracking.cached_models(), as_json, f"no models cached in {cache_dir() / 'models'}",
-               f"{'model':<28}  {'MB':>6}  {'fetched':<16}  {'from':<28}  entry", line)
+               f"{'model':<28}  {'MB':>6}  {'last used':<16}  {'from':<28}  entry", line)
 
 
 @config_app.command("show")

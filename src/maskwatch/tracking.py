@@ -369,7 +369,16 @@ def _cached_bundle(model: _PinnedModel) -> Path:
     if bundle_dir is None:
         bundle_dir = _publish(model, manifest, entry)
         _remove_stale_entries(models, model_key, entry, model.source)
+    else:
+        _mark_used(entry)
     return bundle_dir
+
+
+def _mark_used(entry: Path) -> None:
+    # The entry folder's mtime says when it was last loaded (its files never change): `models cache --keep`
+    # keeps the most recently used.
+    with contextlib.suppress(OSError):
+        os.utime(entry)
 
 
 def _entry_layout(entry: Path) -> dict[str, Any] | None:
@@ -403,7 +412,7 @@ def _publish(model: _PinnedModel, manifest: dict[str, int], entry: Path) -> Path
         (staging / "layout.json").write_text(json.dumps({
             "root": str(root.relative_to(staging)), "bundle": str(bundle_dir.relative_to(staging)),
             "manifest": manifest, "pinned_uri": model.pinned_uri,
-            "tracking_uri": _mlflow().get_tracking_uri().rstrip("/")}))
+            "tracking_uri": _mlflow().get_tracking_uri().rstrip("/"), "fetched_at": time.time()}))
         for attempt in range(2):
             try:
                 os.rename(staging, entry)
@@ -430,7 +439,7 @@ def _retire(entry: Path) -> None:
 
 def cached_models() -> list[dict[str, Any]]:
     """The model cache's entries: folder, the URI that names them for good and its store, run id, registry version,
-    MB on disk, when fetched (newest first)."""
+    MB on disk, when fetched and last used (most recently used first)."""
     models = cache_dir() / "models"
     timed_rows = []
     for entry in models.glob("[!.]*") if models.is_dir() else []:
@@ -440,13 +449,15 @@ def cached_models() -> list[dict[str, Any]]:
         except (OSError, ValueError, KeyError, TypeError):
             metadata = {}
         try:
-            fetched, size = entry.stat().st_mtime, sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            used, size = entry.stat().st_mtime, sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
         except FileNotFoundError:  # replaced by a concurrent load meanwhile
             continue
-        timed_rows.append((fetched, {
+        fetched = layout.get("fetched_at") if isinstance(layout.get("fetched_at"), (int, float)) else used
+        timed_rows.append((used, {
             "entry": str(entry), "uri": layout.get("pinned_uri"), "tracking_uri": layout.get("tracking_uri"),
             "run_id": metadata.get("run_id"), "model_version": metadata.get("model_version"),
-            "mb": round(size / 1e6, 1), "fetched": time.strftime("%Y-%m-%d %H:%M", time.localtime(fetched))}))
+            "mb": round(size / 1e6, 1), "fetched": time.strftime("%Y-%m-%d %H:%M", time.localtime(fetched)),
+            "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(used))}))
     return [row for _, row in sorted(timed_rows, key=lambda pair: pair[0], reverse=True)]
 
 
@@ -464,6 +475,7 @@ def _offline_bundle(uri: str, tracking_uri: str, down: TrackingUnavailableError)
             continue
         bundle_dir = _whole_entry(Path(row["entry"]), (_entry_layout(Path(row["entry"])) or {}).get("manifest", {}))
         if bundle_dir is not None:  # a damaged copy is passed over: the error below is clearer than a bad load
+            _mark_used(Path(row["entry"]))
             log.warning("%s; loading %s from the model cache (fetched %s), without any file attached since",
                         down, wanted, row["fetched"])
             return bundle_dir
@@ -477,14 +489,17 @@ def _offline_bundle(uri: str, tracking_uri: str, down: TrackingUnavailableError)
     raise down
 
 
-def clear_model_cache() -> tuple[int, float]:
-    """Delete every cached model (and half-done downloads); returns (entries, MB) freed. Loads fetch them again."""
+def clear_model_cache(keep: int = 0) -> tuple[int, float]:
+    """Delete every cached model but the `keep` most recently used; returns (entries, MB) freed. Loads fetch a
+    deleted model again. Clearing all also removes half-done downloads."""
     models = cache_dir() / "models"
-    rows = cached_models()
-    if models.is_dir():
-        for entry in models.iterdir():
-            shutil.rmtree(entry, ignore_errors=True)
-    return len(rows), sum(row["mb"] for row in rows)
+    removed = cached_models()[keep:]
+    for row in removed:
+        _retire(Path(row["entry"]))  # a process still reading its files keeps them
+    if keep == 0 and models.is_dir():
+        for leftover in models.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return len(removed), sum(row["mb"] for row in removed)
 
 
 def _remove_stale_entries(models: Path, model_key: str, current: Path, source: str) -> None:

@@ -124,13 +124,25 @@ def hidden(cache: Path) -> list[Path]:
 
 def test_the_cache_is_listed_and_cleared_from_the_command_line(registered):
     settings, run_id, cache = registered
-    tracking.resolve_model_uri("models:/maskwatch@champion", settings)
+    champion = tracking.resolve_model_uri("models:/maskwatch@champion", settings)
+    tracking.resolve_model_uri(f"runs:/{run_id}/model", settings)  # fetched last
+    tracking.resolve_model_uri("models:/maskwatch@champion", settings)  # but used last
+
     listed = subprocess.run([MASKWATCH, "models", "cache", "--json"], capture_output=True, text=True, timeout=120)
     rows = json.loads(listed.stdout)
-    assert [(row["model_version"], row["run_id"]) for row in rows] == [("1", run_id)] and rows[0]["mb"] > 1
-    assert (rows[0]["uri"], rows[0]["tracking_uri"]) == ("models:/maskwatch/1", settings.tracking_uri)
+    assert [(row["uri"], row["model_version"], row["run_id"]) for row in rows] == [
+        ("models:/maskwatch/1", "1", run_id), (f"runs:/{run_id}/model", None, run_id)]  # most recently used first
+    assert {row["tracking_uri"] for row in rows} == {settings.tracking_uri} and rows[0]["mb"] > 1
     table = subprocess.run([MASKWATCH, "models", "cache"], capture_output=True, text=True, timeout=120).stdout
     assert "models:/maskwatch/1" in table and settings.tracking_uri in table and str(cache) in table
+
+    kept = subprocess.run([MASKWATCH, "models", "cache", "--keep", "1"], capture_output=True, text=True, timeout=120)
+    assert kept.returncode == 0 and f"deleted 1 cached models ({rows[1]['mb']:.1f} MB)" in kept.stdout
+    assert visible(cache) == [entry_of(champion)] and hidden(cache) == []
+    both = subprocess.run([MASKWATCH, "models", "cache", "--clear", "--keep", "1"], capture_output=True, text=True,
+                          timeout=120)
+    assert both.returncode == 2 and "give one" in both.stderr and visible(cache) == [entry_of(champion)]
+
     cleared = subprocess.run([MASKWATCH, "models", "cache", "--clear"], capture_output=True, text=True, timeout=120)
     assert cleared.returncode == 0 and f"deleted 1 cached models ({rows[0]['mb']:.1f} MB)" in cleared.stdout
     assert list(cache.iterdir()) == []
