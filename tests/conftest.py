@@ -38,6 +38,18 @@ def pytest_configure(config):
         )
 
 
+@pytest.fixture(autouse=True)
+def tracking_uri_kept_to_its_test():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which maskwatch reads: without this, a
+    CLI that a later test starts would use an earlier test's store (a stopped server, a deleted SQLite file)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_dir(tmp_path_factory):
     """Registry models that tests load are cached here (and seen by the CLIs they start), not in ~/.cache."""
@@ -250,40 +262,47 @@ def stop_server(proc) -> None:
 
 @dataclass
 class MlflowServer:
-    uri: str
-    process: "subprocess.Popen"
+    """A real `mlflow server` (SQLite store, proxied artifacts) on a free localhost port; stop() and start() it
+    again on the same port and store to play an outage."""
+    folder: Path
+    port: int
+    process: "subprocess.Popen | None" = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import time
+        import urllib.request
+
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination",
+             str(self.folder / "server-artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.uri + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.process.kill()
+        pytest.fail("mlflow server did not start")
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
 
 
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    """A real `mlflow server` (SQLite store, proxied artifacts) on a free localhost port."""
-    import time
-    import urllib.request
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = MlflowServer(f"http://127.0.0.1:{port}", proc)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(server.uri + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
+    server = MlflowServer(tmp_path, free_port())
+    server.start()
     yield server
-    if proc.poll() is None:
-        server.stop()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

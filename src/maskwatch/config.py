@@ -114,6 +114,9 @@ class TrackingConfig(_Section):
     promotion_metric: str = "macro_f1"
     min_improvement: float = Field(0.0, ge=0.0, description="Challenger must beat champion by more than this.")
     register_model: bool = True
+    outage_wait_s: float = Field(600.0, ge=0.0, description=(
+        "How long a run waits for a tracking server that stopped answering before it gives up (training itself "
+        "goes on meanwhile; its epoch metrics are sent once the server answers)."))
 
 
 class DetectorConfig(_Section):

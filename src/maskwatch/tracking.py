@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -117,29 +117,149 @@ def _raise_run_stopped(signum: int, _frame) -> None:
     raise RunStopped(signum)
 
 
+@dataclass
+class _Outage:
+    """What a run needs to ride out a tracking server that stops answering mid-run."""
+    wait_s: float = 600.0
+    run_dir: Path | None = None  # where the run's local files are, named when it gives up
+    unsent_epochs: list[tuple[dict[str, float], int]] = field(default_factory=list)
+    warned: bool = False
+
+
+_outage = _Outage()
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    """Did a tracking call fail because the server did not answer (refused, reset, timed out), rather than
+    because it answered with an error? MLflow wraps the requests error, so its causes are searched."""
+    import requests
+
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                             TimeoutError, TrackingUnavailableError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _answers_now(timeout: float = 2.0) -> bool:
+    try:
+        check_tracking_reachable(_mlflow().get_tracking_uri(), timeout=timeout)
+        return True
+    except TrackingUnavailableError:
+        return False
+
+
+def _wait_for_server(error: BaseException) -> None:
+    """Poll the server's /health until it answers or `tracking.outage_wait_s` has passed, then give up with an
+    error that says where the run's local files are."""
+    uri, started = _mlflow().get_tracking_uri(), time.monotonic()
+    log.warning("the tracking server at %s stopped answering (%s); waiting up to %.0f s for it", uri,
+                str(error).splitlines()[0][:200], _outage.wait_s)
+    while time.monotonic() - started < _outage.wait_s:
+        if _answers_now(timeout=min(3.0, _outage.wait_s)):
+            log.warning("the tracking server at %s answers again after %.0f s", uri, time.monotonic() - started)
+            return
+        time.sleep(min(5.0, max(0.0, _outage.wait_s - (time.monotonic() - started))))
+    kept = (f"; nothing is deleted: the run's local files are in {_outage.run_dir}"
+            if _outage.run_dir and _outage.run_dir.is_dir() else "")
+    raise TrackingUnavailableError(f"the tracking server at {uri} stopped answering during the run and did not "
+                                   f"answer again within {_outage.wait_s:.0f} s (tracking.outage_wait_s){kept}") \
+        from error
+
+
+def _send(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A tracking call that survives the server going away for a while: epoch metrics held back during training
+    go first, and a call the server did not answer is retried once it answers again."""
+    for attempt in range(3):
+        try:
+            _send_unsent_epochs()
+            return call(*args, **kwargs)
+        except Exception as error:
+            if not _is_unreachable(error) or attempt == 2:
+                raise
+            _wait_for_server(error)
+
+
+def _send_unsent_epochs() -> None:
+    while _outage.unsent_epochs:
+        metrics, step = _outage.unsent_epochs[0]
+        _mlflow().log_metrics(metrics, step=step)
+        _outage.unsent_epochs.pop(0)
+
+
+def _log_epoch_without_stalling(metrics: dict[str, float], step: int) -> None:
+    """Send an epoch's metrics, or keep them for later while the server does not answer: training goes on."""
+    _outage.unsent_epochs.append((metrics, step))
+    if len(_outage.unsent_epochs) > 1 and not _answers_now():
+        return
+    try:
+        _send_unsent_epochs()
+    except Exception as error:
+        if not _is_unreachable(error):
+            raise
+        if not _outage.warned:
+            log.warning("the tracking server at %s is not answering: training goes on, and its epoch metrics are "
+                        "sent once the server answers again", _mlflow().get_tracking_uri())
+            _outage.warned = True
+
+
+def _end_run(run_id: str, status: str, wait: bool) -> None:
+    """mlflow.end_run; with the server down, wait for it (a finished run) or leave the run as the server has it."""
+    try:
+        _mlflow().end_run(status=status)  # takes the run off MLflow's stack before it calls the server
+    except Exception as error:
+        if not _is_unreachable(error):
+            raise
+        if not wait:
+            log.warning("MLflow run %s could not be recorded as %s: the tracking server is not answering", run_id,
+                        status)
+            return
+        _send(_client().set_terminated, run_id, status)
+
+
 @contextlib.contextmanager
-def _closed_run(run_name: str) -> Iterator[Any]:
+def _closed_run(settings: Settings, run_name: str, run_dir: Path | None = None) -> Iterator[Any]:
     """mlflow.start_run that records how the run ended: FINISHED, FAILED on an error, and KILLED on Ctrl-C or a
-    stop signal (MLflow itself calls Ctrl-C FAILED, and SIGTERM left the run RUNNING)."""
+    stop signal (MLflow itself calls Ctrl-C FAILED, and SIGTERM left the run RUNNING).
+
+    A server that stops answering mid-run is waited for (`tracking.outage_wait_s`) instead of ending the run at
+    its first failed call; training does not even wait (`_log_epoch_without_stalling`).
+    """
+    global _outage
     mlflow = _mlflow()
     stop_signals = tuple(signum for signum in STOP_SIGNALS if signum != signal.SIGINT)  # SIGINT raises already
-    with handling_stop_signals(_raise_run_stopped, stop_signals), mlflow.start_run(run_name=run_name) as run:
+    with handling_stop_signals(_raise_run_stopped, stop_signals):
+        run = mlflow.start_run(run_name=run_name)
+        _outage = _Outage(settings.tracking.outage_wait_s, run_dir and run_dir / run.info.run_id)
         try:
             yield run
         except (KeyboardInterrupt, RunStopped) as stop:
-            mlflow.end_run(status="KILLED")
+            _end_run(run.info.run_id, "KILLED", wait=False)
             log.warning("%s: MLflow run %s recorded as KILLED; nothing was registered",
                         str(stop) or "stopped by Ctrl-C", run.info.run_id)
             raise
+        except BaseException as error:
+            _end_run(run.info.run_id, "FAILED", wait=False)
+            if _is_unreachable(error) and not isinstance(error, TrackingUnavailableError):
+                raise TrackingUnavailableError(f"the tracking server at {mlflow.get_tracking_uri()} did not answer: "
+                                               f"{str(error).splitlines()[0][:300]}") from error
+            raise
+        else:
+            _end_run(run.info.run_id, "FINISHED", wait=True)
+        finally:
+            _outage = _Outage()
 
 
 @contextlib.contextmanager
 def training_run(settings: Settings, run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
     """One explicit MLflow run around the whole job (both phases); yields the run id."""
-    mlflow = _mlflow()
     configure(settings)
-    with _closed_run(run_name) as run:
-        mlflow.set_tags({"git_commit": git_commit(), "maskwatch.stage": "train", **(tags or {})})
+    with _closed_run(settings, run_name, settings.work_dir / "runs") as run:
+        set_tags({"git_commit": git_commit(), "maskwatch.stage": "train", **(tags or {})})
         log_params(settings.to_flat_dict())
         yield run.info.run_id
 
@@ -147,50 +267,52 @@ def training_run(settings: Settings, run_name: str | None = None, tags: dict[str
 @contextlib.contextmanager
 def evaluation_run(settings: Settings, kind: str, tags: dict[str, str]) -> Iterator[str]:
     """A separate run for an evaluation of an existing model (e.g. detection metrics)."""
-    mlflow = _mlflow()
     configure(settings)
-    with _closed_run(f"evaluate-{kind}") as run:
-        mlflow.set_tags({"git_commit": git_commit(), "maskwatch.stage": f"evaluate-{kind}", **tags})
+    with _closed_run(settings, f"evaluate-{kind}") as run:
+        set_tags({"git_commit": git_commit(), "maskwatch.stage": f"evaluate-{kind}", **tags})
         log_params({f"detector.{k}": v for k, v in settings.detector.model_dump(mode="json").items()})
         yield run.info.run_id
 
 
 def log_params(params: dict[str, Any]) -> None:
-    mlflow = _mlflow()
     # MLflow caps a param value at 6000 characters and a batch at 100 params.
     items = [(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
-        mlflow.log_params(dict(items[start:start + 100]))
+        _send(_mlflow().log_params, dict(items[start:start + 100]))
 
 
 def set_tags(tags: dict[str, Any]) -> None:
-    _mlflow().set_tags({k: str(v) for k, v in tags.items()})
+    _send(_mlflow().set_tags, {k: str(v) for k, v in tags.items()})
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and v == v}  # drop NaN
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}  # drop NaN
-    _mlflow().log_metrics(clean, step=step)
+    _send(_mlflow().log_metrics, _finite(metrics), step=step)
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     path = Path(path)
     if path.is_dir():
-        _mlflow().log_artifacts(str(path), artifact_path=artifact_path)
+        _send(_mlflow().log_artifacts, str(path), artifact_path=artifact_path)
     else:
-        _mlflow().log_artifact(str(path), artifact_path=artifact_path)
+        _send(_mlflow().log_artifact, str(path), artifact_path=artifact_path)
 
 
 def log_dict(values: dict, artifact_file: str) -> None:
-    _mlflow().log_dict(values, artifact_file)
+    _send(_mlflow().log_dict, values, artifact_file)
 
 
 def log_text(text: str, artifact_file: str) -> None:
-    _mlflow().log_text(text, artifact_file)
+    _send(_mlflow().log_text, text, artifact_file)
 
 
 def log_epoch(phase: str, step: int, logs: dict[str, float]) -> None:
-    """One epoch's metrics as `<phase>_<metric>` and as `<metric>` (one continuous curve), at a global step."""
-    log_metrics({**{f"{phase}_{k}": v for k, v in logs.items()}, **logs}, step=step)
+    """One epoch's metrics as `<phase>_<metric>` and as `<metric>` (one continuous curve), at a global step; held
+    back, without stalling training, while the tracking server does not answer."""
+    _log_epoch_without_stalling(_finite({**{f"{phase}_{k}": v for k, v in logs.items()}, **logs}), step)
 
 
 def epoch_logger_factory() -> Callable[[str, int], list]:
@@ -226,11 +348,11 @@ def log_keras_model(model, input_example, metadata: dict, registered_model_name:
                                 metadata=metadata)
         for extra in extra_files:  # exports sit beside model.keras, where the Predictor looks
             shutil.copy2(extra, local / "data" / Path(extra).name)
-        mlflow.log_artifacts(str(local), artifact_path=MODEL_ARTIFACT)
+        _send(mlflow.log_artifacts, str(local), artifact_path=MODEL_ARTIFACT)
     if not registered_model_name:
         return None
     run_id = mlflow.active_run().info.run_id
-    version = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", registered_model_name)
+    version = _send(mlflow.register_model, f"runs:/{run_id}/{MODEL_ARTIFACT}", registered_model_name)
     return str(version.version)
 
 
