@@ -249,6 +249,7 @@ def _closed_run(settings: Settings, run_name: str, run_dir: Path | None = None) 
                                                f"{str(error).splitlines()[0][:300]}") from error
             raise
         else:
+            _send(_send_unsent_epochs)  # epochs held back in an outage go before the run is closed
             _end_run(run.info.run_id, "FINISHED", wait=True)
         finally:
             _outage = _Outage()

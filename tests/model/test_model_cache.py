@@ -175,7 +175,7 @@ def test_a_pinned_version_loads_from_the_cache_while_the_tracking_server_is_down
     assert tracking.resolve_model_uri("models:/maskwatch/1", settings) == pinned
     assert "loading models:/maskwatch/1 from the model cache" in caplog.text
     assert tracking.resolve_model_uri(f"runs:/{run_id}/model/", settings) == by_run
-    with pytest.raises(TrackingUnavailableError, match="holds models:/maskwatch/1 from it, which loads offline; an alias"):
+    with pytest.raises(TrackingUnavailableError, match="holds models:/maskwatch/1 from it, which loads offline; an"):
         tracking.resolve_model_uri("models:/maskwatch@champion", settings)
     with pytest.raises(TrackingUnavailableError, match="not reachable") as never_fetched:
         tracking.resolve_model_uri("models:/maskwatch/2", settings)
