@@ -361,13 +361,25 @@ def _client():
     return _mlflow().MlflowClient()
 
 
+def _models_uri_parts(uri: str) -> tuple[str, str | None, str]:
+    """models:/name/3, models:/name/latest, models:/name@alias -> (name, alias or None, version or "")."""
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    return name, alias or None, version
+
+
+def _runs_uri_parts(uri: str) -> tuple[str, str]:
+    """runs:/<run id>/path/in/run -> (run id, path without outer slashes)."""
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    return run_id, path.strip("/")
+
+
 def registry_model_version(uri: str):
     """The registry's ModelVersion that models:/name/3, models:/name/latest or models:/name@alias names now."""
     from mlflow.exceptions import MlflowException
 
-    name, _, version = uri.removeprefix("models:/").partition("/")
-    if "@" in name:
-        name, alias = name.split("@", 1)
+    name, alias, version = _models_uri_parts(uri)
+    if alias:
         return _client().get_model_version_by_alias(name, alias)
     if version.isdigit():
         return _client().get_model_version(name, version)
@@ -412,15 +424,15 @@ class _PinnedModel:
 def _pinned_form(uri: str) -> str | None:
     """models:/name/3 and runs:/id/path (normalised) name the same files for good; aliases and `latest` move."""
     if uri.startswith("runs:/"):
-        run_id, _, path = uri.removeprefix("runs:/").partition("/")
-        return f"runs:/{run_id}/{path.strip('/')}"
-    name, _, version = uri.removeprefix("models:/").partition("/")
-    return uri if uri.startswith("models:/") and "@" not in name and version.isdigit() else None
+        run_id, path = _runs_uri_parts(uri)
+        return f"runs:/{run_id}/{path}"
+    _, alias, version = _models_uri_parts(uri)
+    return uri if uri.startswith("models:/") and not alias and version.isdigit() else None
 
 
 def _pinned(uri: str) -> _PinnedModel:
     if uri.startswith("runs:/"):
-        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        run_id, path = _runs_uri_parts(uri)
         source = f"{_client().get_run(run_id).info.artifact_uri.rstrip('/')}/{path}".rstrip("/")
         return _PinnedModel(uri, source, None, run_id, _pinned_form(uri))
     if not uri.startswith("models:/"):
@@ -602,7 +614,7 @@ def _offline_bundle(uri: str, tracking_uri: str, down: TrackingUnavailableError)
             log.warning("%s; loading %s from the model cache (fetched %s), without any file attached since",
                         down, wanted, row["fetched"])
             return bundle_dir
-    name = uri.removeprefix("models:/").split("/")[0].split("@")[0]
+    name = _models_uri_parts(uri)[0]
     held = sorted({row["uri"] for row in from_store if row["uri"].startswith(f"models:/{name}/")},
                   key=lambda held_uri: -int(held_uri.rsplit("/", 1)[1]))
     if uri.startswith("models:/") and held:
@@ -643,7 +655,7 @@ def attach_to_registered_model(uri: str, settings: Settings, files: list[Path]) 
     """Upload files (e.g. exports) beside the model of a models:/ or runs:/ URI; returns the run id."""
     configure(settings)
     if uri.startswith("runs:/"):
-        run_id = uri.removeprefix("runs:/").split("/")[0]
+        run_id = _runs_uri_parts(uri)[0]
     else:
         run_id = registry_model_version(uri).run_id
     for path in files:
