@@ -4,6 +4,7 @@ named by MASKWATCH_SHARED_DIR / KERAS_HOME / MASKWATCH_DATA_DIR / MASKWATCH_YUNE
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -280,7 +281,7 @@ class MlflowServer:
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination",
              str(self.folder / "server-artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # freeze() stops its group
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
@@ -293,8 +294,33 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.thaw()
             self.process.terminate()
             self.process.wait(timeout=30)
+
+    def freeze(self) -> None:
+        """SIGSTOP the server and its workers: a server that hangs, whose port still takes connections."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
+
+def first_run_with_a_logged_epoch(client, still_running=lambda: True, store_exists=lambda: True,
+                                  timeout: float = 600, every: float = 0.3):
+    """Poll a tracking store until a run of the "maskwatch" experiment has logged a training epoch (mid-training);
+    returns that run, or None if `still_running()` turned false or `timeout` passed first. A SQLite store is not
+    read before `store_exists()`: reading would create it, racing the job's own creation."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and still_running():
+        experiment = client.get_experiment_by_name("maskwatch") if store_exists() else None
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "phase1_loss"):
+            return runs[0]
+        time.sleep(every)
+    return None
 
 
 @pytest.fixture()

@@ -117,13 +117,20 @@ def _raise_run_stopped(signum: int, _frame) -> None:
     raise RunStopped(signum)
 
 
+EPOCH_LOG_TIMEOUT_S = 5  # a batch of epoch metrics takes milliseconds; longer is a server that hangs
+PROBE_EVERY_S = 10  # while the server does not answer, epochs ending sooner after a probe do not probe again
+
+
 @dataclass
 class _Outage:
     """What a run needs to ride out a tracking server that stops answering mid-run."""
     wait_s: float = 600.0
     run_dir: Path | None = None  # where the run's local files are, named when it gives up
-    unsent_epochs: list[tuple[dict[str, float], int]] = field(default_factory=list)
+    # (metrics, step, timestamp in ms): the timestamp is fixed when the epoch ends, so sending it again after a
+    # timed-out try the server did record is an exact duplicate, which MLflow's store drops
+    unsent_epochs: list[tuple[dict[str, float], int, int]] = field(default_factory=list)
     warned: bool = False
+    next_probe_at: float = 0.0  # time.monotonic(); a hung server costs each /health probe its whole timeout
 
 
 _outage = _Outage()
@@ -186,18 +193,38 @@ def _send(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def _send_unsent_epochs() -> None:
     while _outage.unsent_epochs:
-        metrics, step = _outage.unsent_epochs[0]
-        _mlflow().log_metrics(metrics, step=step)
+        metrics, step, timestamp_ms = _outage.unsent_epochs[0]
+        _mlflow().log_metrics(metrics, step=step, timestamp=timestamp_ms)
         _outage.unsent_epochs.pop(0)
+
+
+@contextlib.contextmanager
+def _one_brief_try(timeout_s: int = EPOCH_LOG_TIMEOUT_S) -> Iterator[None]:
+    """MLflow's HTTP calls within get one try of at most `timeout_s`. MLflow reads both settings per request; its
+    usual 30 s x 3 tries would hold training that long on a server that hangs rather than refuses."""
+    names = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _log_epoch_without_stalling(metrics: dict[str, float], step: int) -> None:
     """Send an epoch's metrics, or keep them for later while the server does not answer: training goes on."""
-    _outage.unsent_epochs.append((metrics, step))
-    if len(_outage.unsent_epochs) > 1 and not _answers_now():
-        return
+    _outage.unsent_epochs.append((metrics, step, int(time.time() * 1000)))
+    if len(_outage.unsent_epochs) > 1:  # the server did not take the last epoch: is it back?
+        if time.monotonic() < _outage.next_probe_at or not _answers_now():
+            _outage.next_probe_at = max(_outage.next_probe_at, time.monotonic() + PROBE_EVERY_S)
+            return
     try:
-        _send_unsent_epochs()
+        with _one_brief_try():
+            _send_unsent_epochs()
     except Exception as error:
         if not _is_unreachable(error):
             raise
@@ -352,9 +379,18 @@ def log_keras_model(model, input_example, metadata: dict, registered_model_name:
         _send(mlflow.log_artifacts, str(local), artifact_path=MODEL_ARTIFACT)
     if not registered_model_name:
         return None
-    run_id = mlflow.active_run().info.run_id
-    version = _send(mlflow.register_model, f"runs:/{run_id}/{MODEL_ARTIFACT}", registered_model_name)
-    return str(version.version)
+    return _send(_register_once, mlflow.active_run().info.run_id, registered_model_name)
+
+
+def _register_once(run_id: str, name: str) -> str:
+    """mlflow.register_model for the run's model, unless the run already has a version of it: a server that hangs
+    can record a try whose answer never came, and the retry would add a second version of the same model."""
+    made = [v for v in _client().search_model_versions(f"run_id='{run_id}'") if v.name == name]
+    if made:
+        log.warning("version %s of %s was registered by a try the tracking server did not answer; not registering "
+                    "it again", made[0].version, name)
+        return str(made[0].version)
+    return str(_mlflow().register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name).version)
 
 
 def _client():

@@ -175,11 +175,10 @@ def test_gate_compares_models_trained_at_different_input_sizes(trained):
 def test_a_training_stopped_by_a_signal_is_recorded_as_killed(stop_signal, tmp_path, data_dir):
     """A cluster's preemption or a service manager sends SIGTERM: the run used to stay RUNNING in MLflow for ever
     (and Ctrl-C was recorded as FAILED)."""
-    import time
 
     from mlflow import MlflowClient
 
-    from conftest import as_from_a_terminal, cli_env
+    from conftest import as_from_a_terminal, cli_env, first_run_with_a_logged_epoch
 
     proc = subprocess.Popen([MASKWATCH, "train", "--set", "data.max_photos=24", "--set", "train.phase1_epochs=40",
                              "--set", "train.early_stopping_patience=null"], stdout=subprocess.PIPE,
@@ -188,14 +187,8 @@ def test_a_training_stopped_by_a_signal_is_recorded_as_killed(stop_signal, tmp_p
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(store, registry_uri=store)  # not a registry another test set for this process
     try:
-        deadline, run = time.time() + 300, None
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(1)
-            experiment = client.get_experiment_by_name("maskwatch") if (tmp_path / "mlflow.db").exists() else None
-            runs = client.search_runs([experiment.experiment_id]) if experiment else []
-            if runs and client.get_metric_history(runs[0].info.run_id, "phase1_loss"):  # mid-training
-                run = runs[0]
-                break
+        run = first_run_with_a_logged_epoch(client, still_running=lambda: proc.poll() is None, timeout=300, every=1,
+                                            store_exists=(tmp_path / "mlflow.db").exists)
         assert run is not None, "no epoch was logged"
         proc.send_signal(stop_signal)
         _, stderr = proc.communicate(timeout=120)

@@ -13,28 +13,20 @@ from maskwatch import tracking
 from maskwatch.pipeline import run_job
 from maskwatch.tracking import TrackingUnavailableError
 
-from conftest import free_port
+from conftest import first_run_with_a_logged_epoch, free_port
 
 EPOCHS = {"phase1_epochs": 16, "phase2_epochs": 2, "batch_size": 16, "early_stopping_patience": None,
           "reduce_lr_patience": None, "export_formats": []}
 
 
-def stop_after_first_epoch(server, restart: bool) -> tuple[threading.Thread, list]:
-    """A thread that stops the server once the run has logged an epoch, and starts it again if asked."""
+def after_first_epoch(server, outage) -> tuple[threading.Thread, list]:
+    """A thread that calls `outage(server)` once the run has logged an epoch."""
     errors: list = []
 
     def watch():
         try:
-            client, deadline = MlflowClient(server.uri, registry_uri=server.uri), time.time() + 600
-            while time.time() < deadline:
-                experiment = client.get_experiment_by_name("maskwatch")
-                runs = client.search_runs([experiment.experiment_id]) if experiment else []
-                if runs and client.get_metric_history(runs[0].info.run_id, "phase1_loss"):
-                    break
-                time.sleep(0.3)
-            server.stop()
-            if restart:
-                server.start()
+            first_run_with_a_logged_epoch(MlflowClient(server.uri, registry_uri=server.uri))
+            outage(server)
         except Exception as error:  # noqa: BLE001 - reported by the test
             errors.append(error)
 
@@ -46,7 +38,7 @@ def stop_after_first_epoch(server, restart: bool) -> tuple[threading.Thread, lis
 @pytest.mark.slow
 def test_training_goes_on_through_an_outage_and_logs_every_epoch(settings_factory, mlflow_server, caplog):
     settings = settings_factory(train=EPOCHS, tracking={"tracking_uri": mlflow_server.uri})
-    watcher, errors = stop_after_first_epoch(mlflow_server, restart=True)
+    watcher, errors = after_first_epoch(mlflow_server, lambda server: (server.stop(), server.start()))
     result = run_job(settings, run_name="outage")
     watcher.join(timeout=120)
     assert errors == [] and "training goes on" in caplog.text
@@ -60,9 +52,39 @@ def test_training_goes_on_through_an_outage_and_logs_every_epoch(settings_factor
 
 
 @pytest.mark.slow
+def test_a_server_that_hangs_holds_training_only_seconds_and_nothing_is_logged_twice(settings_factory, mlflow_server,
+                                                                                      caplog):
+    """A frozen server takes connections and never answers. Training used to wait on the first epoch log for as
+    long as the freeze (up to 30 s x 3 tries); now epochs end while it is frozen, and the sends that it recorded
+    late, whose answers never came, are not recorded twice."""
+    settings = settings_factory(train=EPOCHS, tracking={"tracking_uri": mlflow_server.uri})
+    frozen: dict[str, float] = {}
+
+    def freeze_for_a_while(server):
+        frozen["from"] = time.time()
+        server.freeze()
+        time.sleep(25)
+        frozen["until"] = time.time()
+        server.thaw()
+
+    watcher, errors = after_first_epoch(mlflow_server, freeze_for_a_while)
+    result = run_job(settings, run_name="hang")
+    watcher.join(timeout=120)
+    assert errors == [] and "training goes on" in caplog.text
+
+    client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
+    history = client.get_metric_history(result.run_id, "phase1_loss")
+    assert sorted(m.step for m in history) == list(range(1, 17))  # each epoch once
+    ended_while_frozen = [m.step for m in history if frozen["from"] * 1000 < m.timestamp < frozen["until"] * 1000]
+    assert ended_while_frozen, "training waited for the frozen server"
+    assert [v.version for v in client.search_model_versions("name='maskwatch'")] == ["1"]
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
 def test_a_server_that_does_not_come_back_is_a_clear_error_that_keeps_the_run(settings_factory, mlflow_server):
     settings = settings_factory(train=EPOCHS, tracking={"tracking_uri": mlflow_server.uri, "outage_wait_s": 3})
-    watcher, errors = stop_after_first_epoch(mlflow_server, restart=False)
+    watcher, errors = after_first_epoch(mlflow_server, lambda server: server.stop())
     with pytest.raises(TrackingUnavailableError, match="did not answer again within 3 s") as gave_up:
         run_job(settings, run_name="outage")
     watcher.join(timeout=60)
@@ -78,8 +100,9 @@ def test_a_server_that_does_not_come_back_is_a_clear_error_that_keeps_the_run(se
     assert client.search_registered_models() == []
 
 
-def test_unreachable_is_told_apart_from_an_error_the_server_answered(settings_factory, tmp_path):
+def test_unreachable_is_told_apart_from_an_error_the_server_answered(settings_factory, tmp_path, monkeypatch):
     """Only a server that does not answer is waited for; its real answers (an unknown run) fail at once."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's default retries a refusal for minutes
     down = MlflowClient(f"http://127.0.0.1:{free_port()}")
     with pytest.raises(MlflowException) as refused:
         down.get_run("0" * 32)
@@ -90,3 +113,26 @@ def test_unreachable_is_told_apart_from_an_error_the_server_answered(settings_fa
         MlflowClient(store).get_run("0" * 32)
     assert not tracking._is_unreachable(unknown.value)
     assert not tracking._is_unreachable(ValueError("no"))
+
+
+def test_a_retry_of_what_the_server_recorded_records_nothing_twice(tmp_path, caplog):
+    """After a hang, a send whose answer never came may have been recorded: sending its epoch again, or
+    registering again, must not add a second point or a second version."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    with mlflow.start_run() as run:
+        tracking._log_epoch_without_stalling({"loss": 0.5}, step=1)
+        (sent,) = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+        time.sleep(0.01)  # a later send: a fresh timestamp would make it a second point
+        tracking._outage.unsent_epochs.append(({"loss": 0.5}, 1, sent.timestamp))  # as after a timed-out try
+        tracking._send_unsent_epochs()
+        mlflow.log_text("artifact_path: model\n", "model/MLmodel")
+        first = tracking._register_once(run.info.run_id, "maskwatch")
+        again = tracking._register_once(run.info.run_id, "maskwatch")
+    client = mlflow.MlflowClient(store, registry_uri=store)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 0.5)]
+    assert first == again == "1" and len(client.search_model_versions("name='maskwatch'")) == 1
+    assert "not registering it again" in caplog.text
