@@ -562,14 +562,16 @@ def _entry_layout(entry: Path) -> dict[str, Any] | None:
         return None
 
 
-def _whole_entry(entry: Path, manifest: dict[str, int]) -> Path | None:
-    """The bundle folder of a published entry holding every listed file at its listed size, else None."""
+def _whole_entry(entry: Path, manifest: dict[str, int] | None = None) -> Path | None:
+    """The bundle folder of a published entry holding every listed file at its listed size, else None. The list
+    is the server's, or (offline) the one the entry recorded when it was fetched."""
     layout = _entry_layout(entry)
     try:
         root = entry / layout["root"]
+        manifest = layout.get("manifest", {}) if manifest is None else manifest
         if all((root / name).stat().st_size == size for name, size in manifest.items()):
             return entry / layout["bundle"]
-    except (OSError, KeyError, TypeError):
+    except (OSError, KeyError, TypeError, AttributeError):  # AttributeError: a recorded list that is not a dict
         pass
     return None
 
@@ -644,7 +646,7 @@ def _offline_bundle(uri: str, tracking_uri: str, down: TrackingUnavailableError)
     for row in from_store:  # newest first
         if row["uri"] != wanted:
             continue
-        bundle_dir = _whole_entry(Path(row["entry"]), (_entry_layout(Path(row["entry"])) or {}).get("manifest", {}))
+        bundle_dir = _whole_entry(Path(row["entry"]))
         if bundle_dir is not None:  # a damaged copy is passed over: the error below is clearer than a bad load
             _mark_used(Path(row["entry"]))
             log.warning("%s; loading %s from the model cache (fetched %s), without any file attached since",
