@@ -242,10 +242,51 @@ def _end_run(run_id: str, status: str, wait: bool) -> None:
         if not _is_unreachable(error):
             raise
         if not wait:
-            log.warning("MLflow run %s could not be recorded as %s: the tracking server is not answering", run_id,
-                        status)
+            _remember_end(run_id, status)
+            log.warning("MLflow run %s could not be recorded as %s: the tracking server is not answering; the next "
+                        "run started against it records that, with any epoch metrics it did not take", run_id, status)
             return
         _send(_client().set_terminated, run_id, status)
+
+
+def _unrecorded_ends() -> Path:
+    return cache_dir() / "unrecorded-run-ends"
+
+
+def _remember_end(run_id: str, status: str) -> None:
+    """Keep how a run ended, and its epochs the server did not take, for the next run on that server to record:
+    otherwise the run shows RUNNING there for ever."""
+    folder = _unrecorded_ends()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{run_id}.json").write_text(json.dumps({
+        "run_id": run_id, "status": status, "tracking_uri": _mlflow().get_tracking_uri(),
+        "end_time_ms": int(time.time() * 1000), "unsent_epochs": _outage.unsent_epochs}))
+
+
+def _record_remembered_ends() -> None:
+    """Record the ends (and held-back epochs) of earlier runs whose server was not answering when they ended."""
+    from mlflow.entities import Metric
+
+    uri, folder = _mlflow().get_tracking_uri(), _unrecorded_ends()
+    for kept in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            end = json.loads(kept.read_text())
+            if end["tracking_uri"] != uri:
+                continue
+            if _client().get_run(end["run_id"]).info.status == "RUNNING":  # nobody has ended it meanwhile
+                metrics = [Metric(key, value, timestamp_ms, step)
+                           for values, step, timestamp_ms in end["unsent_epochs"] for key, value in values.items()]
+                for start in range(0, len(metrics), 1000):  # MLflow takes 1000 metrics a batch
+                    _client().log_batch(end["run_id"], metrics=metrics[start:start + 1000])
+                _client().set_terminated(end["run_id"], end["status"], end_time=end["end_time_ms"])
+                log.warning("MLflow run %s recorded as %s now, with %d held-back epochs: its tracking server was not "
+                            "answering when it ended", end["run_id"], end["status"], len(end["unsent_epochs"]))
+        except Exception as error:
+            if _is_unreachable(error):
+                return  # kept for the next run
+            log.warning("the end of MLflow run %s could not be recorded (%s); not trying again", kept.stem,
+                        str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+        kept.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -260,6 +301,7 @@ def _closed_run(settings: Settings, run_name: str, run_dir: Path | None = None) 
     mlflow = _mlflow()
     stop_signals = tuple(signum for signum in STOP_SIGNALS if signum != signal.SIGINT)  # SIGINT raises already
     with handling_stop_signals(_raise_run_stopped, stop_signals):
+        _record_remembered_ends()
         run = mlflow.start_run(run_name=run_name)
         _outage = _Outage(settings.tracking.outage_wait_s, run_dir and run_dir / run.info.run_id)
         try:
@@ -276,8 +318,12 @@ def _closed_run(settings: Settings, run_name: str, run_dir: Path | None = None) 
                                                f"{str(error).splitlines()[0][:300]}") from error
             raise
         else:
-            _send(_send_unsent_epochs)  # epochs held back in an outage go before the run is closed
-            _end_run(run.info.run_id, "FINISHED", wait=True)
+            try:
+                _send(_send_unsent_epochs)  # epochs held back in an outage go before the run is closed
+                _end_run(run.info.run_id, "FINISHED", wait=True)
+            except TrackingUnavailableError:  # gave up waiting: the end (and the epochs) go with the next run
+                _remember_end(run.info.run_id, "FINISHED")
+                raise
         finally:
             _outage = _Outage()
 

@@ -82,7 +82,8 @@ def test_a_server_that_hangs_holds_training_only_seconds_and_nothing_is_logged_t
 
 
 @pytest.mark.slow
-def test_a_server_that_does_not_come_back_is_a_clear_error_that_keeps_the_run(settings_factory, mlflow_server):
+def test_a_server_that_does_not_come_back_is_a_clear_error_that_keeps_the_run(settings_factory, mlflow_server,
+                                                                              caplog):
     settings = settings_factory(train=EPOCHS, tracking={"tracking_uri": mlflow_server.uri, "outage_wait_s": 3})
     watcher, errors = after_first_epoch(mlflow_server, lambda server: server.stop())
     with pytest.raises(TrackingUnavailableError, match="did not answer again within 3 s") as gave_up:
@@ -98,6 +99,12 @@ def test_a_server_that_does_not_come_back_is_a_clear_error_that_keeps_the_run(se
     client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     assert client.get_run(kept.name).info.status == "RUNNING"
     assert client.search_registered_models() == []
+
+    with tracking.evaluation_run(settings, "next", {}):  # the next run started on that server records the end
+        pass
+    assert client.get_run(kept.name).info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(kept.name, "phase1_loss")] == list(range(1, 17))
+    assert f"MLflow run {kept.name} recorded as FAILED now" in caplog.text
 
 
 def test_unreachable_is_told_apart_from_an_error_the_server_answered(settings_factory, tmp_path, monkeypatch):
