@@ -257,10 +257,13 @@ def _remember_end(run_id: str, status: str) -> None:
     """Keep how a run ended, and its epochs the server did not take, for the next run on that server to record:
     otherwise the run shows RUNNING there for ever."""
     folder = _unrecorded_ends()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{run_id}.json").write_text(json.dumps({
-        "run_id": run_id, "status": status, "tracking_uri": _mlflow().get_tracking_uri(),
-        "end_time_ms": int(time.time() * 1000), "unsent_epochs": _outage.unsent_epochs}))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{run_id}.json").write_text(json.dumps({
+            "run_id": run_id, "status": status, "tracking_uri": _mlflow().get_tracking_uri(),
+            "end_time_ms": int(time.time() * 1000), "unsent_epochs": _outage.unsent_epochs}))
+    except OSError as error:  # called while another error unwinds: that one is what the user must see
+        log.warning("how MLflow run %s ended could not be kept in %s (%s)", run_id, folder, error)
 
 
 def _record_remembered_ends() -> None:
