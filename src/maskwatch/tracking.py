@@ -191,11 +191,16 @@ def _send(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             _wait_for_server(error)
 
 
+def _send_epochs(epochs: list, run_id: str | None = None) -> None:
+    """Send held-back epochs in order (to the active run unless `run_id`), each dropped once the server has it."""
+    while epochs:
+        metrics, step, timestamp_ms = epochs[0]
+        _mlflow().log_metrics(metrics, step=step, timestamp=timestamp_ms, run_id=run_id)
+        epochs.pop(0)
+
+
 def _send_unsent_epochs() -> None:
-    while _outage.unsent_epochs:
-        metrics, step, timestamp_ms = _outage.unsent_epochs[0]
-        _mlflow().log_metrics(metrics, step=step, timestamp=timestamp_ms)
-        _outage.unsent_epochs.pop(0)
+    _send_epochs(_outage.unsent_epochs)
 
 
 @contextlib.contextmanager
@@ -268,22 +273,18 @@ def _remember_end(run_id: str, status: str) -> None:
 
 def _record_remembered_ends() -> None:
     """Record the ends (and held-back epochs) of earlier runs whose server was not answering when they ended."""
-    from mlflow.entities import Metric
-
-    uri, folder = _mlflow().get_tracking_uri(), _unrecorded_ends()
+    uri, folder, client = _mlflow().get_tracking_uri(), _unrecorded_ends(), _client()
     for kept in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             end = json.loads(kept.read_text())
             if end["tracking_uri"] != uri:
                 continue
-            if _client().get_run(end["run_id"]).info.status == "RUNNING":  # nobody has ended it meanwhile
-                metrics = [Metric(key, value, timestamp_ms, step)
-                           for values, step, timestamp_ms in end["unsent_epochs"] for key, value in values.items()]
-                for start in range(0, len(metrics), 1000):  # MLflow takes 1000 metrics a batch
-                    _client().log_batch(end["run_id"], metrics=metrics[start:start + 1000])
-                _client().set_terminated(end["run_id"], end["status"], end_time=end["end_time_ms"])
+            if client.get_run(end["run_id"]).info.status == "RUNNING":  # nobody has ended it meanwhile
+                held = len(end["unsent_epochs"])
+                _send_epochs(end["unsent_epochs"], end["run_id"])
+                client.set_terminated(end["run_id"], end["status"], end_time=end["end_time_ms"])
                 log.warning("MLflow run %s recorded as %s now, with %d held-back epochs: its tracking server was not "
-                            "answering when it ended", end["run_id"], end["status"], len(end["unsent_epochs"]))
+                            "answering when it ended", end["run_id"], end["status"], held)
         except Exception as error:
             if _is_unreachable(error):
                 return  # kept for the next run

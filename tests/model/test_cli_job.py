@@ -175,7 +175,6 @@ def test_gate_compares_models_trained_at_different_input_sizes(trained):
 def test_a_training_stopped_by_a_signal_is_recorded_as_killed(stop_signal, tmp_path, data_dir):
     """A cluster's preemption or a service manager sends SIGTERM: the run used to stay RUNNING in MLflow for ever
     (and Ctrl-C was recorded as FAILED)."""
-
     from mlflow import MlflowClient
 
     from conftest import as_from_a_terminal, cli_env, first_run_with_a_logged_epoch
