@@ -524,6 +524,29 @@ def models_promote(version: Annotated[str, typer.Argument(help="Registered versi
     typer.echo(f"{settings.tracking.registered_model_name} version {version} is now @{settings.tracking.champion_alias}")
 
 
+@models_app.command("register")
+def models_register(
+        run_folder: Annotated[Path, typer.Argument(
+            help="A training run's folder (artifacts/runs/<run id>) whose tracking server was gone when it ended.")],
+        config: Annotated[Optional[Path], typer.Option(
+            "--config", "-c", help="YAML settings (default: the run's own, model/config.yaml).")] = None,
+        set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
+    """Record a training job its tracking server missed: its run folder's files and model go to its MLflow run,
+    and the model is registered, compared with the champion and promoted if better, as the job would have."""
+    from maskwatch.bundle import RUN_BUNDLE_FOLDER
+    from maskwatch.pipeline import record_run_folder
+
+    own_config = run_folder / RUN_BUNDLE_FOLDER / "config.yaml"
+    settings = _settings(config or (own_config if own_config.is_file() else None), "full", set_,
+                         tracking_uri=tracking_uri)
+    try:
+        run_id, decision = record_run_folder(settings, run_folder)
+    except (*_known_errors(), ValueError) as error:
+        _fail(str(error))
+    typer.echo(f"MLflow run {run_id} recorded; {settings.tracking.registered_model_name} version {decision.version}, "
+               f"promoted={decision.promoted} ({decision.reason})")
+
+
 @models_app.command("cache")
 def models_cache(clear: Annotated[bool, typer.Option("--clear", help="Delete every cached model.")] = False,
                  keep: Annotated[Optional[int], typer.Option(

@@ -18,14 +18,16 @@ import numpy as np
 import pandas as pd
 
 from maskwatch import tracking
-from maskwatch.bundle import ModelMetadata, read_metadata, save_bundle, write_metadata
+from maskwatch.bundle import (MODEL_FILE, RUN_BUNDLE_FOLDER, ModelMetadata, read_metadata, save_bundle,
+                              write_metadata)
 from maskwatch.config import CLASS_NAMES, DetectorConfig, DetectorTrainConfig, Settings
-from maskwatch.data import PreparedData, class_counts_table, crops_with_spec, label_indices, prepare_data
+from maskwatch.data import (DataError, PreparedData, class_counts_table, crops_with_spec, label_indices,
+                            prepare_data)
 from maskwatch.export import export_model
 from maskwatch.evaluate import (EvaluationResult, detection_metric_values, evaluate_model, format_confusion,
                                 format_summary, plot_confusion_matrix, plot_detection_confusion,
                                 plot_reliability_diagram, predict_probabilities, tune_class_bias)
-from maskwatch.train import TrainingHistory, plot_history, train_model
+from maskwatch.train import TrainingHistory, plot_history, seconds_per_epoch, train_model
 from maskwatch.train_detector import TRAIN_RECORD
 
 if TYPE_CHECKING:
@@ -78,68 +80,125 @@ def run_job(settings: Settings, run_name: str | None = None) -> JobResult:
         history, model = train_model(
             prepared.train_df, prepared.val_df, use_two_phase=settings.train.two_phase, settings=settings,
             model_path=run_dir / "checkpoint" / "best.keras", extra_callbacks=tracking.epoch_logger_factory())
-        _log_history(history, run_dir)
-        class_log_bias = _decision_bias(model, prepared, settings)
-        evaluation, _ = evaluate_model(model, prepared.test_df, bootstrap_samples=settings.evaluate.bootstrap_samples,
-                                       confidence_level=settings.evaluate.confidence_level,
-                                       class_log_bias=class_log_bias)
-        _log_evaluation(evaluation, run_dir)
-        metadata = ModelMetadata(
-            class_names=list(CLASS_NAMES), input_size=settings.data.image_size, crop=prepared.crop_spec.to_dict(),
-            thresholds={"detector_score": settings.detector.score_threshold, "class_log_bias": class_log_bias},
-            training_config=json.loads(settings.model_dump_json()), data_hash=prepared.data_hash,
-            metrics=evaluation.flat_metrics(), run_id=run_id)
-        bundle_dir = save_bundle(model, run_dir / "model", metadata)
-        exports = export_model(bundle_dir, list(settings.train.export_formats), prepared.train_df,
-                               prepared.val_df)
-        metadata = read_metadata(bundle_dir)
-        (bundle_dir / "config.yaml").write_text(settings.to_yaml())
-        tracking.log_artifact(bundle_dir / "config.yaml")
-        example = np.zeros((1, settings.data.image_size, settings.data.image_size, 3), dtype=np.float32)
-        registered_name = settings.tracking.registered_model_name if settings.tracking.register_model else None
-        version = tracking.log_keras_model(model, example, json.loads(metadata.to_json()), registered_name,
-                                           extra_files=[e.path for e in exports])
-        challenger = {"macro_f1": evaluation.macro_f1, "accuracy": evaluation.accuracy,
-                      **evaluation.flat_metrics(prefix="")}
-        decision = tracking.decide_promotion(settings, version, challenger, champion_metrics_on(prepared, settings))
-        tracking.log_dict(decision.to_dict(), "promotion.json")
-        tracking.set_tags({"promoted": decision.promoted, "model_version": version})
-        if decision.champion_value is not None:
-            tracking.log_metrics({f"champion_test_{decision.metric}": decision.champion_value})
-        metadata.model_version = version
-        write_metadata(bundle_dir, metadata)
+        bundle_dir, evaluation = _finish_locally(model, history, prepared, settings, run_dir, run_id)
+        decision = _send_results(settings, run_dir, model, champion_metrics_on(prepared, settings))
         wall = time.perf_counter() - started
         tracking.log_metrics({"wall_seconds": wall})
     return JobResult(run_id, bundle_dir, evaluation, history, decision, prepared, wall)
+
+
+def _finish_locally(model, history: TrainingHistory, prepared: PreparedData, settings: Settings, run_dir: Path,
+                    run_id: str) -> tuple[Path, EvaluationResult]:
+    """Everything after training that needs no tracking server: curves, evaluation, the bundle and its exports.
+    Done before anything is sent, so a server gone by then cannot keep the run folder from holding a model ready
+    for --model, and `maskwatch models register` can record it later."""
+    _write_history(history, run_dir)
+    class_log_bias = _decision_bias(model, prepared, settings)
+    evaluation, _ = evaluate_model(model, prepared.test_df, bootstrap_samples=settings.evaluate.bootstrap_samples,
+                                   confidence_level=settings.evaluate.confidence_level, class_log_bias=class_log_bias)
+    _write_evaluation(evaluation, run_dir)
+    metadata = ModelMetadata(
+        class_names=list(CLASS_NAMES), input_size=settings.data.image_size, crop=prepared.crop_spec.to_dict(),
+        thresholds={"detector_score": settings.detector.score_threshold, "class_log_bias": class_log_bias},
+        training_config=json.loads(settings.model_dump_json()), data_hash=prepared.data_hash,
+        metrics=evaluation.flat_metrics(), run_id=run_id)
+    bundle_dir = save_bundle(model, run_dir / RUN_BUNDLE_FOLDER, metadata)
+    export_model(bundle_dir, list(settings.train.export_formats), prepared.train_df, prepared.val_df)
+    (bundle_dir / "config.yaml").write_text(settings.to_yaml())
+    return bundle_dir, evaluation
+
+
+def _send_results(settings: Settings, run_dir: Path, model,
+                  champion_metrics_for: Callable[[str], dict[str, float]]) -> tracking.PromotionDecision:
+    """Log a run folder's files and model to the active run, register the model, compare it with the champion and
+    promote it if it wins; the version is written into the bundle's metadata."""
+    bundle_dir = run_dir / RUN_BUNDLE_FOLDER
+    metadata = read_metadata(bundle_dir)
+    _log_history(run_dir)
+    if metadata.thresholds.get("class_log_bias") is not None:
+        tracking.log_params({"tuned_class_log_bias": metadata.thresholds["class_log_bias"]})
+    tracking.log_metrics(metadata.metrics)
+    for name in EVALUATION_FILES:
+        tracking.log_artifact(run_dir / name, "evaluation")
+    tracking.log_artifact(bundle_dir / "config.yaml")
+    side = metadata.input_size
+    registered_name = settings.tracking.registered_model_name if settings.tracking.register_model else None
+    version = tracking.log_keras_model(model, np.zeros((1, side, side, 3), dtype=np.float32),
+                                       json.loads(metadata.to_json()), registered_name,
+                                       extra_files=[bundle_dir / name for name in metadata.exports.values()])
+    challenger = {name.removeprefix("test_"): value for name, value in metadata.metrics.items()}
+    decision = tracking.decide_promotion(settings, version, challenger, champion_metrics_for)
+    tracking.log_dict(decision.to_dict(), "promotion.json")
+    tracking.set_tags({"promoted": decision.promoted, "model_version": version})
+    if decision.champion_value is not None:
+        tracking.log_metrics({f"champion_test_{decision.metric}": decision.champion_value})
+    metadata.model_version = version
+    write_metadata(bundle_dir, metadata)
+    return decision
+
+
+def record_run_folder(settings: Settings, run_dir: Path) -> tuple[str, tracking.PromotionDecision]:
+    """Record a training job whose tracking server was gone when it ended: its run folder's files and model go to
+    its MLflow run, which ends FINISHED, then the model is registered, compared and promoted as the job would have.
+    -> (run id, promotion decision)."""
+    run_dir = Path(run_dir).resolve()
+    bundle_dir = run_dir / RUN_BUNDLE_FOLDER
+    needed = [run_dir / name for name in (*HISTORY_FILES, *EVALUATION_FILES)] + [bundle_dir / "config.yaml"]
+    if not (bundle_dir / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} holds no model bundle ({RUN_BUNDLE_FOLDER}/{MODEL_FILE}): the job ended "
+                                "before it was saved, so there is nothing to register; train again")
+    if missing := [str(path.relative_to(run_dir)) for path in needed if not path.is_file()]:
+        raise FileNotFoundError(f"{run_dir} is missing {', '.join(missing)}: not a whole training run folder")
+    metadata = read_metadata(bundle_dir)
+    if metadata.model_version:
+        raise ValueError(f"run {metadata.run_id}'s model is already version {metadata.model_version} of the "
+                         "registry: nothing to record")
+    import keras
+
+    model = keras.models.load_model(bundle_dir / MODEL_FILE)
+
+    def champion_metrics_for(version: str) -> dict[str, float]:
+        prepared, _ = prepare_data(settings)
+        if prepared.data_hash != metadata.data_hash:
+            raise DataError(f"the data set now ({prepared.data_hash}) is not the one run {metadata.run_id} was "
+                            f"tested on ({metadata.data_hash}): its comparison with the champion would not be like "
+                            "for like")
+        return champion_metrics_on(prepared, settings)(version)
+
+    with tracking.resumed_training_run(settings, metadata.run_id, run_dir):
+        decision = _send_results(settings, run_dir, model, champion_metrics_for)
+    return metadata.run_id, decision
 
 
 def _decision_bias(model, prepared: PreparedData, settings: Settings) -> list[float] | None:
     """Tune the per-class decision bias on the validation split (never on test), if configured."""
     if settings.train.decision_bias == "none":
         return None
-    bias = tune_class_bias(predict_probabilities(model, prepared.val_df), label_indices(prepared.val_df))
-    tracking.log_params({"tuned_class_log_bias": bias})
-    return bias
+    return tune_class_bias(predict_probabilities(model, prepared.val_df), label_indices(prepared.val_df))
 
 
-def _log_history(history: TrainingHistory, run_dir: Path) -> None:
-    frame = history.to_frame()
+HISTORY_FILES = ("history.csv", "training_curves.png")
+EVALUATION_FILES = ("confusion_matrix.png", "reliability_diagram.png", "evaluation.json", "classification_report.txt")
+
+
+def _write_history(history: TrainingHistory, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(run_dir / "history.csv", index=False)
+    history.to_frame().to_csv(run_dir / "history.csv", index=False)
     plot_history(history, run_dir / "training_curves.png")
-    tracking.log_artifact(run_dir / "history.csv", "training")
-    tracking.log_artifact(run_dir / "training_curves.png", "training")
-    tracking.log_metrics({f"seconds_per_epoch_{phase}": value for phase, value in history.seconds_per_epoch().items()})
 
 
-def _log_evaluation(evaluation: EvaluationResult, run_dir: Path) -> None:
+def _log_history(run_dir: Path) -> None:
+    for name in HISTORY_FILES:
+        tracking.log_artifact(run_dir / name, "training")
+    seconds = seconds_per_epoch(pd.read_csv(run_dir / "history.csv"))
+    tracking.log_metrics({f"seconds_per_epoch_{phase}": value for phase, value in seconds.items()})
+
+
+def _write_evaluation(evaluation: EvaluationResult, run_dir: Path) -> None:
     plot_confusion_matrix(evaluation, run_dir / "confusion_matrix.png")
     plot_reliability_diagram(evaluation, run_dir / "reliability_diagram.png")
     (run_dir / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=2))
     (run_dir / "classification_report.txt").write_text(evaluation.report_text)
-    tracking.log_metrics(evaluation.flat_metrics())
-    for name in ("confusion_matrix.png", "reliability_diagram.png", "evaluation.json", "classification_report.txt"):
-        tracking.log_artifact(run_dir / name, "evaluation")
 
 
 def summary_text(result: JobResult, settings: Settings) -> str:

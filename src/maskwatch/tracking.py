@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from maskwatch.bundle import MODEL_FILE, RUN_BUNDLE_FOLDER
 from maskwatch.config import Settings, cache_dir
 from maskwatch.signals import STOP_SIGNALS, handling_stop_signals
 
@@ -171,8 +172,12 @@ def _wait_for_server(error: BaseException) -> None:
             log.warning("the tracking server at %s answers again after %.0f s", uri, time.monotonic() - started)
             return
         time.sleep(min(5.0, max(0.0, _outage.wait_s - (time.monotonic() - started))))
-    kept = (f"; nothing is deleted: the run's local files are in {_outage.run_dir}"
-            if _outage.run_dir and _outage.run_dir.is_dir() else "")
+    kept = ""
+    if _outage.run_dir and _outage.run_dir.is_dir():
+        kept = f"; nothing is deleted: the run's local files are in {_outage.run_dir}"
+        if (_outage.run_dir / RUN_BUNDLE_FOLDER / MODEL_FILE).is_file():
+            kept += (f", its model is ready for --model {_outage.run_dir / RUN_BUNDLE_FOLDER}, and `maskwatch models "
+                     f"register {_outage.run_dir}` records the run and registers the model once the server is back")
     raise TrackingUnavailableError(f"the tracking server at {uri} stopped answering during the run and did not "
                                    f"answer again within {_outage.wait_s:.0f} s (tracking.outage_wait_s){kept}") \
         from error
@@ -271,8 +276,9 @@ def _remember_end(run_id: str, status: str) -> None:
         log.warning("how MLflow run %s ended could not be kept in %s (%s)", run_id, folder, error)
 
 
-def _record_remembered_ends() -> None:
-    """Record the ends (and held-back epochs) of earlier runs whose server was not answering when they ended."""
+def _record_remembered_ends(reopening: str | None = None) -> None:
+    """Record the ends (and held-back epochs) of earlier runs whose server was not answering when they ended; of
+    the run being reopened (`reopening`), only the epochs: it is about to be ended anew."""
     uri, folder, client = _mlflow().get_tracking_uri(), _unrecorded_ends(), _client()
     for kept in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
@@ -282,9 +288,10 @@ def _record_remembered_ends() -> None:
             if client.get_run(end["run_id"]).info.status == "RUNNING":  # nobody has ended it meanwhile
                 held = len(end["unsent_epochs"])
                 _send_epochs(end["unsent_epochs"], end["run_id"])
-                client.set_terminated(end["run_id"], end["status"], end_time=end["end_time_ms"])
-                log.warning("MLflow run %s recorded as %s now, with %d held-back epochs: its tracking server was not "
-                            "answering when it ended", end["run_id"], end["status"], held)
+                if end["run_id"] != reopening:
+                    client.set_terminated(end["run_id"], end["status"], end_time=end["end_time_ms"])
+                    log.warning("MLflow run %s recorded as %s now, with %d held-back epochs: its tracking server was "
+                                "not answering when it ended", end["run_id"], end["status"], held)
         except Exception as error:
             if _is_unreachable(error):
                 return  # kept for the next run
@@ -294,7 +301,8 @@ def _record_remembered_ends() -> None:
 
 
 @contextlib.contextmanager
-def _closed_run(settings: Settings, run_name: str, run_dir: Path | None = None) -> Iterator[Any]:
+def _closed_run(settings: Settings, run_name: str | None, runs_dir: Path | None = None,
+                run_id: str | None = None) -> Iterator[Any]:
     """mlflow.start_run that records how the run ended: FINISHED, FAILED on an error, and KILLED on Ctrl-C or a
     stop signal (MLflow itself calls Ctrl-C FAILED, and SIGTERM left the run RUNNING).
 
@@ -305,9 +313,9 @@ def _closed_run(settings: Settings, run_name: str, run_dir: Path | None = None) 
     mlflow = _mlflow()
     stop_signals = tuple(signum for signum in STOP_SIGNALS if signum != signal.SIGINT)  # SIGINT raises already
     with handling_stop_signals(_raise_run_stopped, stop_signals):
-        _record_remembered_ends()
-        run = mlflow.start_run(run_name=run_name)
-        _outage = _Outage(settings.tracking.outage_wait_s, run_dir and run_dir / run.info.run_id)
+        _record_remembered_ends(reopening=run_id)
+        run = mlflow.start_run(run_id=run_id, run_name=run_name)  # a run_id reopens that run
+        _outage = _Outage(settings.tracking.outage_wait_s, runs_dir and runs_dir / run.info.run_id)
         try:
             yield run
         except (KeyboardInterrupt, RunStopped) as stop:
@@ -339,6 +347,26 @@ def training_run(settings: Settings, run_name: str | None = None, tags: dict[str
     with _closed_run(settings, run_name, settings.work_dir / "runs") as run:
         set_tags({"git_commit": git_commit(), "maskwatch.stage": "train", **(tags or {})})
         log_params(settings.to_flat_dict())
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def resumed_training_run(settings: Settings, run_id: str, run_dir: Path) -> Iterator[str]:
+    """Reopen a training run whose tracking server was gone when it ended, to record what it left in its local
+    folder (`run_dir`); it ends FINISHED like any run that got that far."""
+    mlflow = _mlflow()
+    uri = configure(settings)
+    try:
+        experiment_id = _client().get_run(run_id).info.experiment_id
+    except Exception as error:
+        if _is_unreachable(error):
+            raise TrackingUnavailableError(f"the tracking server at {uri} did not answer: "
+                                           f"{str(error).splitlines()[0][:300]}") from error
+        raise ValueError(f"MLflow run {run_id} is not in the tracking store at {uri}: record it in the store it was "
+                         "started in (--tracking-uri)") from error
+    mlflow.set_experiment(experiment_id=experiment_id)  # its own, whatever the settings name
+    with _closed_run(settings, None, run_dir.parent, run_id=run_id) as run:
+        set_tags({"maskwatch.recorded_late": True})
         yield run.info.run_id
 
 

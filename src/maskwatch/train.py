@@ -39,14 +39,20 @@ class TrainingHistory:
         return [i for i in range(1, len(self.phases)) if self.phases[i] != self.phases[i - 1]]
 
     def seconds_per_epoch(self) -> dict[str, float]:
-        frame = pd.DataFrame({"phase": self.phases, "seconds": self.history.get("epoch_seconds", [])})
-        return frame.groupby("phase", sort=False)["seconds"].mean().to_dict()
+        return seconds_per_epoch(self.to_frame())
 
     def to_frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.history)
         frame.insert(0, "phase", self.phases)
         frame.insert(0, "epoch", range(1, len(self.phases) + 1))
         return frame
+
+
+def seconds_per_epoch(history_frame: pd.DataFrame) -> dict[str, float]:
+    """Mean seconds per epoch of each phase, from a history frame (`TrainingHistory.to_frame`, history.csv)."""
+    if "epoch_seconds" not in history_frame:
+        return {}
+    return history_frame.groupby("phase", sort=False)["epoch_seconds"].mean().to_dict()
 
 
 def set_seeds(seed: int) -> None:

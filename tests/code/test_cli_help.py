@@ -6,7 +6,8 @@ import pytest
 
 MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
 COMMANDS = [[], ["data"], ["data", "prepare"], ["train"], ["train-detector"], ["evaluate"], ["predict"], ["serve"], ["webcam"],
-            ["export"], ["models"], ["models", "list"], ["models", "promote"], ["config"], ["config", "show"]]
+            ["export"], ["models"], ["models", "list"], ["models", "promote"],
+            ["models", "register"], ["config"], ["config", "show"]]
 BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 BENCHMARKS = sorted(p for p in BENCHMARK_DIR.glob("*.py") if p.name != "common.py")
 FUZZERS = sorted((BENCHMARK_DIR.parent / "tests" / "fuzz").glob("*.py"))

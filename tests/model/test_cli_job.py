@@ -131,6 +131,20 @@ def test_models_list_and_promote(trained):
     assert bad.returncode == 2 and "no version 7" in bad.stderr
 
 
+def test_models_register_refuses_what_it_cannot_record(trained, tmp_path):
+    """Recording a run later needs the run folder's bundle, and only a model not yet registered."""
+    work, env, _, out = trained
+    (run_dir,) = (work / "artifacts" / "runs").iterdir()
+    again = subprocess.run([MASKWATCH, "models", "register", str(run_dir)], capture_output=True, text=True, env=env,
+                           cwd=work)
+    assert again.returncode == 2 and "already version 1 of the registry" in again.stderr
+    assert "Traceback" not in again.stderr
+    (tmp_path / "checkpoint").mkdir()  # a job stopped during training leaves only its checkpoint
+    empty = subprocess.run([MASKWATCH, "models", "register", str(tmp_path)], capture_output=True, text=True, env=env,
+                           cwd=work)
+    assert empty.returncode == 2 and "holds no model bundle (model/model.keras)" in empty.stderr
+
+
 def test_serve_loads_the_champion_from_the_registry_once(trained):
     """Two gunicorn workers serve models:/maskwatch@champion; the registry is read once, before they start."""
     import urllib.request

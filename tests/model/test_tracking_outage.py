@@ -10,7 +10,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from maskwatch import tracking
-from maskwatch.pipeline import run_job
+from maskwatch.bundle import read_metadata
+from maskwatch.pipeline import record_run_folder, run_job
 from maskwatch.tracking import TrackingUnavailableError
 
 from conftest import first_run_with_a_logged_epoch, free_port
@@ -92,8 +93,9 @@ def test_a_server_that_does_not_come_back_is_a_clear_error_that_keeps_the_run(se
     assert errors == []
     run_dir = settings.work_dir / "runs"
     (kept,) = run_dir.iterdir()
-    assert f"local files are in {kept}" in str(gave_up.value)
+    assert f"local files are in {kept}, its model is ready for --model {kept / 'model'}" in str(gave_up.value)
     assert (kept / "checkpoint" / "best.keras").is_file()  # the trained model is not lost
+    assert read_metadata(kept / "model").model_version is None  # evaluated and bundled, never registered
 
     mlflow_server.start()  # the run was left as the server last knew it, never recorded FINISHED
     client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
@@ -105,6 +107,19 @@ def test_a_server_that_does_not_come_back_is_a_clear_error_that_keeps_the_run(se
     assert client.get_run(kept.name).info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(kept.name, "phase1_loss")] == list(range(1, 17))
     assert f"MLflow run {kept.name} recorded as FAILED now" in caplog.text
+
+    run_id, decision = record_run_folder(settings, kept)  # `maskwatch models register <folder>`
+    run = client.get_run(run_id)
+    assert run_id == kept.name and run.info.status == "FINISHED" and run.data.tags["maskwatch.recorded_late"] == "True"
+    assert decision.version == "1" and decision.promoted
+    assert client.get_model_version_by_alias("maskwatch", "champion").run_id == run_id
+    assert run.data.metrics["test_macro_f1"] == read_metadata(kept / "model").metrics["test_macro_f1"]
+    logged = {a.path for folder in ("training", "evaluation", "model")
+              for a in client.list_artifacts(run_id, folder)}
+    assert {"training/history.csv", "evaluation/evaluation.json", "model/MLmodel"} <= logged
+    assert read_metadata(kept / "model").model_version == "1"
+    with pytest.raises(ValueError, match="already version 1"):
+        record_run_folder(settings, kept)
 
 
 def test_unreachable_is_told_apart_from_an_error_the_server_answered(settings_factory, tmp_path, monkeypatch):
@@ -144,3 +159,26 @@ def test_a_retry_of_what_the_server_recorded_records_nothing_twice(tmp_path, cap
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 0.5)]
     assert first == again == "1" and len(client.search_model_versions("name='maskwatch'")) == 1
     assert "not registering it again" in caplog.text
+
+
+def test_a_reopened_run_takes_its_held_epochs_and_ends_finished(settings_factory, caplog):
+    """`maskwatch models register` reopens a run whose server was gone when it ended: the epochs that run still
+    held are sent to it, and it ends FINISHED, not first FAILED as the next ordinary run would record it."""
+    settings = settings_factory()
+    tracking.configure(settings)
+    with tracking._closed_run(settings, "gone") as run:
+        run_id = run.info.run_id
+    tracking._outage.unsent_epochs.extend([({"loss": 0.4}, 2, 2000), ({"loss": 0.3}, 3, 3000)])
+    tracking._remember_end(run_id, "FAILED")  # as when the server was gone at its end
+    tracking._outage.unsent_epochs.clear()
+    client = MlflowClient(settings.tracking_uri)
+    client.update_run(run_id, status="RUNNING")  # the server never learnt that it ended
+
+    with tracking.resumed_training_run(settings, run_id, settings.work_dir / "runs" / run_id) as reopened:
+        assert reopened == run_id and client.get_run(run_id).info.status == "RUNNING"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(2, 0.4), (3, 0.3)]
+    assert not (tracking._unrecorded_ends() / f"{run_id}.json").exists() and "recorded as FAILED" not in caplog.text
+    with pytest.raises(ValueError, match="not in the tracking store"):
+        with tracking.resumed_training_run(settings, "0" * 32, settings.work_dir):
+            pass
