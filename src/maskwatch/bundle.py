@@ -18,6 +18,7 @@ from maskwatch.preprocessing import CropSpec
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
+CONFIG_FILE = "config.yaml"  # the settings the model was trained with
 RUN_BUNDLE_FOLDER = "model"  # where a training run's folder keeps its bundle
 
 

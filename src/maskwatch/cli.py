@@ -533,10 +533,10 @@ def models_register(
         set_: SetOpt = None, tracking_uri: TrackingOpt = None) -> None:
     """Record a training job its tracking server missed: its run folder's files and model go to its MLflow run,
     and the model is registered, compared with the champion and promoted if better, as the job would have."""
-    from maskwatch.bundle import RUN_BUNDLE_FOLDER
+    from maskwatch.bundle import CONFIG_FILE, RUN_BUNDLE_FOLDER
     from maskwatch.pipeline import record_run_folder
 
-    own_config = run_folder / RUN_BUNDLE_FOLDER / "config.yaml"
+    own_config = run_folder / RUN_BUNDLE_FOLDER / CONFIG_FILE
     settings = _settings(config or (own_config if own_config.is_file() else None), "full", set_,
                          tracking_uri=tracking_uri)
     try:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from maskwatch import tracking
-from maskwatch.bundle import (MODEL_FILE, RUN_BUNDLE_FOLDER, ModelMetadata, read_metadata, save_bundle,
+from maskwatch.bundle import (CONFIG_FILE, MODEL_FILE, RUN_BUNDLE_FOLDER, ModelMetadata, read_metadata, save_bundle,
                               write_metadata)
 from maskwatch.config import CLASS_NAMES, DetectorConfig, DetectorTrainConfig, Settings
 from maskwatch.data import (DataError, PreparedData, class_counts_table, crops_with_spec, label_indices,
@@ -104,7 +104,7 @@ def _finish_locally(model, history: TrainingHistory, prepared: PreparedData, set
         metrics=evaluation.flat_metrics(), run_id=run_id)
     bundle_dir = save_bundle(model, run_dir / RUN_BUNDLE_FOLDER, metadata)
     export_model(bundle_dir, list(settings.train.export_formats), prepared.train_df, prepared.val_df)
-    (bundle_dir / "config.yaml").write_text(settings.to_yaml())
+    (bundle_dir / CONFIG_FILE).write_text(settings.to_yaml())
     return bundle_dir, evaluation
 
 
@@ -120,7 +120,7 @@ def _send_results(settings: Settings, run_dir: Path, model,
     tracking.log_metrics(metadata.metrics)
     for name in EVALUATION_FILES:
         tracking.log_artifact(run_dir / name, "evaluation")
-    tracking.log_artifact(bundle_dir / "config.yaml")
+    tracking.log_artifact(bundle_dir / CONFIG_FILE)
     side = metadata.input_size
     registered_name = settings.tracking.registered_model_name if settings.tracking.register_model else None
     version = tracking.log_keras_model(model, np.zeros((1, side, side, 3), dtype=np.float32),
@@ -143,7 +143,7 @@ def record_run_folder(settings: Settings, run_dir: Path) -> tuple[str, tracking.
     -> (run id, promotion decision)."""
     run_dir = Path(run_dir).resolve()
     bundle_dir = run_dir / RUN_BUNDLE_FOLDER
-    needed = [run_dir / name for name in (*HISTORY_FILES, *EVALUATION_FILES)] + [bundle_dir / "config.yaml"]
+    needed = [run_dir / name for name in (*HISTORY_FILES, *EVALUATION_FILES)] + [bundle_dir / CONFIG_FILE]
     if not (bundle_dir / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} holds no model bundle ({RUN_BUNDLE_FOLDER}/{MODEL_FILE}): the job ended "
                                 "before it was saved, so there is nothing to register; train again")

@@ -133,7 +133,7 @@ def test_models_list_and_promote(trained):
 
 def test_models_register_refuses_what_it_cannot_record(trained, tmp_path):
     """Recording a run later needs the run folder's bundle, and only a model not yet registered."""
-    work, env, _, out = trained
+    work, env, _, _ = trained
     (run_dir,) = (work / "artifacts" / "runs").iterdir()
     again = subprocess.run([MASKWATCH, "models", "register", str(run_dir)], capture_output=True, text=True, env=env,
                            cwd=work)
