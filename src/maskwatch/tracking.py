@@ -301,7 +301,7 @@ def _record_remembered_ends(reopening: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def _closed_run(settings: Settings, run_name: str | None, runs_dir: Path | None = None,
+def _closed_run(settings: Settings, run_name: str | None, local_dir_of: Callable[[str], Path] | None = None,
                 run_id: str | None = None) -> Iterator[Any]:
     """mlflow.start_run that records how the run ended: FINISHED, FAILED on an error, and KILLED on Ctrl-C or a
     stop signal (MLflow itself calls Ctrl-C FAILED, and SIGTERM left the run RUNNING).
@@ -315,7 +315,7 @@ def _closed_run(settings: Settings, run_name: str | None, runs_dir: Path | None 
     with handling_stop_signals(_raise_run_stopped, stop_signals):
         _record_remembered_ends(reopening=run_id)
         run = mlflow.start_run(run_id=run_id, run_name=run_name)  # a run_id reopens that run
-        _outage = _Outage(settings.tracking.outage_wait_s, runs_dir and runs_dir / run.info.run_id)
+        _outage = _Outage(settings.tracking.outage_wait_s, local_dir_of and local_dir_of(run.info.run_id))
         try:
             yield run
         except (KeyboardInterrupt, RunStopped) as stop:
@@ -344,7 +344,7 @@ def _closed_run(settings: Settings, run_name: str | None, runs_dir: Path | None 
 def training_run(settings: Settings, run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
     """One explicit MLflow run around the whole job (both phases); yields the run id."""
     configure(settings)
-    with _closed_run(settings, run_name, settings.work_dir / "runs") as run:
+    with _closed_run(settings, run_name, lambda run_id: settings.work_dir / "runs" / run_id) as run:
         set_tags({"git_commit": git_commit(), "maskwatch.stage": "train", **(tags or {})})
         log_params(settings.to_flat_dict())
         yield run.info.run_id
@@ -357,15 +357,18 @@ def resumed_training_run(settings: Settings, run_id: str, run_dir: Path) -> Iter
     mlflow = _mlflow()
     uri = configure(settings)
     try:
-        experiment_id = _client().get_run(run_id).info.experiment_id
+        run_info = _client().get_run(run_id).info
     except Exception as error:
         if _is_unreachable(error):
             raise TrackingUnavailableError(f"the tracking server at {uri} did not answer: "
                                            f"{str(error).splitlines()[0][:300]}") from error
         raise ValueError(f"MLflow run {run_id} is not in the tracking store at {uri}: record it in the store it was "
                          "started in (--tracking-uri)") from error
-    mlflow.set_experiment(experiment_id=experiment_id)  # its own, whatever the settings name
-    with _closed_run(settings, None, run_dir.parent, run_id=run_id) as run:
+    if run_info.status == "FINISHED":  # only a run that got all its files and model on the server ends so
+        raise ValueError(f"MLflow run {run_id} is already FINISHED at {uri}: its files and model were recorded when "
+                         "it ended, so there is nothing to record")
+    mlflow.set_experiment(experiment_id=run_info.experiment_id)  # its own, whatever the settings name
+    with _closed_run(settings, None, lambda _: run_dir, run_id=run_id) as run:  # named as it is now
         set_tags({"maskwatch.recorded_late": True})
         yield run.info.run_id
 
@@ -451,13 +454,38 @@ def log_keras_model(model, input_example, metadata: dict, registered_model_name:
         local = Path(tmp) / MODEL_ARTIFACT
         local.mkdir()
         mlflow.keras.save_model(model, str(local), signature=signature, input_example=input_example,
-                                metadata=metadata)
+                                metadata=metadata, pip_requirements=model_requirements())
         for extra in extra_files:  # exports sit beside model.keras, where the Predictor looks
             shutil.copy2(extra, local / "data" / Path(extra).name)
         _send(mlflow.log_artifacts, str(local), artifact_path=MODEL_ARTIFACT)
     if not registered_model_name:
         return None
     return _send(_register_once, mlflow.active_run().info.run_id, registered_model_name)
+
+
+# The packages a logged model needs, per Keras backend: the first one of each group that is installed.
+_BACKEND_DISTRIBUTIONS = {"tensorflow": [("tensorflow", "tensorflow-cpu")], "jax": [("jax",), ("jaxlib",)],
+                          "torch": [("torch",)]}
+
+
+def model_requirements() -> list[str]:
+    """The logged model's requirements, pinned to this environment: the list MLflow infers (keras, numpy and the
+    backend; MLflow adds itself) without its inference, which loads the model again in a subprocess for about
+    14 s a model."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import keras
+
+    def installed(names: tuple[str, ...]) -> str | None:
+        for name in names:
+            try:
+                return f"{name}=={version(name)}"
+            except PackageNotFoundError:
+                continue
+        return None
+
+    groups = [("keras",), ("numpy",), *_BACKEND_DISTRIBUTIONS.get(keras.backend.backend(), [])]
+    return [pinned for group in groups if (pinned := installed(group))]
 
 
 def _register_once(run_id: str, name: str) -> str:

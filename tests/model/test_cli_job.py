@@ -1,6 +1,7 @@
 """The CLI end to end: train (tiny), evaluate --json, models list / promote."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,14 @@ def test_models_register_refuses_what_it_cannot_record(trained, tmp_path):
                            cwd=work)
     assert again.returncode == 2 and "already version 1 of the registry" in again.stderr
     assert "Traceback" not in again.stderr
+    # With tracking.register_model=false the bundle names no version, but its run ended FINISHED: all recorded.
+    unregistered = tmp_path / "copied"
+    shutil.copytree(run_dir, unregistered)
+    metadata = unregistered / "model" / "metadata.json"
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "model_version": None}))
+    twice = subprocess.run([MASKWATCH, "models", "register", str(unregistered)], capture_output=True, text=True,
+                           env=env, cwd=work)
+    assert twice.returncode == 2 and "is already FINISHED" in twice.stderr and "Traceback" not in twice.stderr
     (tmp_path / "checkpoint").mkdir()  # a job stopped during training leaves only its checkpoint
     empty = subprocess.run([MASKWATCH, "models", "register", str(tmp_path)], capture_output=True, text=True, env=env,
                            cwd=work)
@@ -220,7 +229,6 @@ def test_restarted_workers_still_find_the_model_after_the_cache_dropped_it(train
     """gunicorn restarts a worker that dies, and the new one loads the model from disk again: the served copy must
     not be the model cache's, which the next fetch with new files (maskwatch export) deletes."""
     import os
-    import shutil
     import time
     import urllib.request
 

@@ -174,11 +174,16 @@ def test_a_reopened_run_takes_its_held_epochs_and_ends_finished(settings_factory
     client = MlflowClient(settings.tracking_uri)
     client.update_run(run_id, status="RUNNING")  # the server never learnt that it ended
 
-    with tracking.resumed_training_run(settings, run_id, settings.work_dir / "runs" / run_id) as reopened:
+    renamed = settings.work_dir / "kept-from-the-outage"  # a run folder needs not keep its run id as its name
+    with tracking.resumed_training_run(settings, run_id, renamed) as reopened:
         assert reopened == run_id and client.get_run(run_id).info.status == "RUNNING"
+        assert tracking._outage.run_dir == renamed  # what a give-up during the upload names
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(2, 0.4), (3, 0.3)]
     assert not (tracking._unrecorded_ends() / f"{run_id}.json").exists() and "recorded as FAILED" not in caplog.text
+    with pytest.raises(ValueError, match="already FINISHED"):  # recorded whole: its files would go up twice
+        with tracking.resumed_training_run(settings, run_id, renamed):
+            pass
     with pytest.raises(ValueError, match="not in the tracking store"):
         with tracking.resumed_training_run(settings, "0" * 32, settings.work_dir):
             pass

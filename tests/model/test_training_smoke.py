@@ -3,6 +3,8 @@
 import json
 import tempfile
 import time
+from importlib import metadata as distributions
+from pathlib import Path
 
 import keras
 import mlflow
@@ -20,6 +22,14 @@ from maskwatch.tracking import TrackingUnavailableError
 from maskwatch.train import train_model
 
 from conftest import free_port
+
+
+def has_distribution(name: str) -> bool:
+    try:
+        return bool(distributions.version(name))
+    except distributions.PackageNotFoundError:
+        return False
+
 
 TINY = {"phase1_epochs": 1, "phase2_epochs": 1, "batch_size": 16, "early_stopping_patience": None,
         "reduce_lr_patience": None}
@@ -51,6 +61,13 @@ def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory, tmp_path, 
     model_info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
     assert model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 160, 160, 3)
     assert model_info.metadata["class_names"] == ["with_mask", "without_mask", "mask_weared_incorrect"]
+    # Pinned as MLflow's inference would pin them (it loaded the model again in a subprocess to find them).
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/model/requirements.txt",
+                                                            dst_path=str(tmp_path))).read_text().split()
+    installed = {name: distributions.version(name) for name in ("mlflow", "keras", "numpy")}
+    backend = next(f"{name}=={distributions.version(name)}" for name in ("tensorflow", "tensorflow-cpu")
+                   if has_distribution(name))
+    assert sorted(requirements) == sorted([f"{n}=={v}" for n, v in installed.items()] + [backend])
     version = client.get_model_version_by_alias("maskwatch", "champion")
     assert str(version.version) == "1" and version.run_id == result.run_id
     bundle_meta = json.loads((result.bundle_dir / "metadata.json").read_text())
