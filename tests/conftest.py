@@ -39,6 +39,12 @@ def pytest_configure(config):
         )
 
 
+def pytest_collection_modifyitems(items):
+    """The notebook first: it is the longest test file, and scripts/test.sh's two workers take whole files in
+    collection order, so collected last (as its name sorts) it would run alone while the other worker idles."""
+    items.sort(key=lambda item: item.path.name != "test_notebook.py")  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def tracking_uri_kept_to_its_test():
     """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which maskwatch reads: without this, a
