@@ -1,5 +1,6 @@
 """The README's commands are the real ones: scripts exist, and every maskwatch command it names has --help."""
 
+import os
 import re
 import subprocess
 import sys
@@ -28,6 +29,18 @@ def test_quick_start_names_the_scripts_ci_runs():
     assert "bash scripts/run.sh" in README and "bash scripts/test.sh" in README
     assert (REPO / "scripts" / "run.sh").is_file() and (REPO / "scripts" / "test.sh").is_file()
     assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("workers, status", [("two", 2), ("0", 0)])
+def test_the_test_script_takes_a_whole_number_of_workers(workers, status):
+    out = subprocess.run(["bash", str(REPO / "scripts" / "test.sh"), "--co", "-q", "tests/code/test_readme.py"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "MASKWATCH_TEST_WORKERS": workers})
+    assert out.returncode == status, out.stderr[-2000:]
+    if status:  # refused before pytest started
+        assert "must be a whole number (0 = no worker processes), not 'two'" in out.stderr and out.stdout == ""
+    else:
+        assert "test_the_test_script_takes_a_whole_number_of_workers[two-2]" in out.stdout
 
 
 def test_readme_names_commands():
