@@ -5,10 +5,10 @@
 # MASKWATCH_TEST_WORKERS=N changes the count; 0 runs everything in this one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
 workers="${MASKWATCH_TEST_WORKERS:-2}"
-if ! [[ "$workers" =~ ^[0-9]+$ ]]; then
+if ! [[ "$workers" =~ ^[0-9]+$ ]]; then  # before setup.sh, which may spend minutes installing
   echo "MASKWATCH_TEST_WORKERS must be a whole number (0 = no worker processes), not '$workers'" >&2
   exit 2
 fi
+bash scripts/setup.sh
 exec .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
