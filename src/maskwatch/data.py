@@ -653,7 +653,8 @@ def build_augmenter(augment: AugmentConfig, seed: int):
         layers.append(keras.layers.RandomBrightness(augment.brightness, value_range=(0.0, 255.0), seed=seed))
     if augment.contrast:
         layers.append(keras.layers.RandomContrast(augment.contrast, value_range=(0.0, 255.0), seed=seed))
-    return keras.Sequential(layers, name="augmentation")
+    # A Pipeline, not a Sequential: under a non-TensorFlow backend (JAX) only Pipeline runs inside tf.data.
+    return keras.layers.Pipeline(layers, name="augmentation")
 
 
 def make_dataset(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -54,8 +55,15 @@ def export_model(bundle: Path, formats: list[str], calibration_df: pd.DataFrame 
                  selection_df: pd.DataFrame | None = None) -> list[ExportResult]:
     """Write the exports into the bundle. int8 is calibrated on `calibration_df` (training crops) and, given
     `selection_df` (validation crops), keeps badly quantized layers in float only where that agrees better with
-    Keras there."""
+    Keras there.
+
+    Every format needs TensorFlow (LiteRT's converter, tf2onnx), so under another backend (JAX) the bundle's
+    backend-neutral .keras file is exported by a TensorFlow subprocess.
+    """
     import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return _export_model_with_tensorflow(bundle, formats, calibration_df, selection_df)
     import tensorflow as tf
 
     model_file, _ = bundle_paths(bundle)
@@ -83,6 +91,43 @@ def export_model(bundle: Path, formats: list[str], calibration_df: pd.DataFrame 
     metadata.exports = {**metadata.exports, **{r.runtime: r.path.name for r in results}}
     write_metadata(bundle_dir, metadata)
     return results
+
+
+def run_under_tensorflow(code: str, *args: str, what: str) -> None:
+    """Runs Python `code` (given `args` as sys.argv[1:]) in a subprocess with the TensorFlow backend."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} under TensorFlow failed:\n{done.stderr[-3000:]}")
+
+
+def _export_model_with_tensorflow(bundle: Path, formats: list[str], calibration_df: pd.DataFrame | None,
+                                  selection_df: pd.DataFrame | None) -> list[ExportResult]:
+    code = """
+import json, sys
+from pathlib import Path
+import pandas as pd
+from maskwatch.export import export_model
+folder = sys.argv[2]
+frames = [pd.read_csv(f"{folder}/{name}.csv") if name in sys.argv[4:] else None
+          for name in ("calibration", "selection")]
+results = export_model(Path(sys.argv[1]), json.loads(sys.argv[3]), *frames)
+with open(f"{folder}/results.json", "w") as out:
+    json.dump([[r.runtime, str(r.path), r.size_bytes, r.float_layers] for r in results], out)
+"""
+    with tempfile.TemporaryDirectory() as folder:
+        given = []
+        for name, frame in (("calibration", calibration_df), ("selection", selection_df)):
+            if frame is not None:  # only what the export reads: the crops' files and labels
+                frame[["crop_path", "label"]].to_csv(Path(folder) / f"{name}.csv", index=False)
+                given.append(name)
+        run_under_tensorflow(code, str(bundle), folder, json.dumps(formats), *given, what=f"Export of {bundle}")
+        rows = json.loads((Path(folder) / "results.json").read_text())
+    return [ExportResult(runtime, Path(path), size, float_layers) for runtime, path, size, float_layers in rows]
 
 
 def export_int8_litert(model, signature, calibration_df: pd.DataFrame, target: Path,

@@ -449,7 +449,10 @@ def log_keras_model(model, input_example, metadata: dict, registered_model_name:
     mlflow = _mlflow()
     from mlflow.models import infer_signature
 
-    signature = infer_signature(input_example, model(input_example, training=False).numpy())
+    import keras
+
+    output = keras.ops.convert_to_numpy(model(input_example, training=False))  # any backend's tensor
+    signature = infer_signature(input_example, output)
     with tempfile.TemporaryDirectory(prefix="maskwatch-mlflow-") as tmp:
         local = Path(tmp) / MODEL_ARTIFACT
         local.mkdir()

@@ -527,15 +527,10 @@ def export_onnx(model_file: Path, target: Path) -> Path:
 
 
 def _export_onnx_with_tensorflow(model_file: Path, target: Path) -> Path:
-    import os
-    import subprocess
-    import sys
+    from maskwatch.export import run_under_tensorflow
 
     code = "import sys; from maskwatch.train_detector import export_onnx; export_onnx(sys.argv[1], sys.argv[2])"
-    done = subprocess.run([sys.executable, "-c", code, str(model_file), str(target)], capture_output=True, text=True,
-                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
-    if done.returncode != 0:
-        raise RuntimeError(f"ONNX export of {model_file} under TensorFlow failed:\n{done.stderr[-3000:]}")
+    run_under_tensorflow(code, str(model_file), str(target), what=f"ONNX export of {model_file}")
     return Path(target)
 
 

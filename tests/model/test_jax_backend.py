@@ -45,6 +45,81 @@ print("max difference", worst)
     assert float(out.stdout.split("max difference")[1]) < 1e-4, out.stdout
 
 
+def test_augmentation_runs_in_tf_data_under_jax_and_draws_what_tensorflow_draws(tmp_path):
+    """The classifier's augmenter runs inside tf.data; under JAX only a keras.layers.Pipeline may (a Sequential
+    failed there), and with the same seed it makes the same batches as under TensorFlow."""
+    script = """
+import sys, numpy as np, keras, tensorflow as tf
+from maskwatch.config import AugmentConfig
+from maskwatch.data import build_augmenter
+x = np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 3)).astype("float32")
+augmenter = build_augmenter(AugmentConfig(), seed=42)
+batches = tf.data.Dataset.from_tensor_slices(x).batch(2).map(lambda b: augmenter(b, training=True))
+np.save(sys.argv[1], np.concatenate([b.numpy() for b in batches]))
+"""
+    made = {}
+    for backend in ("jax", "tensorflow"):
+        made[backend] = tmp_path / f"{backend}.npy"
+        env = {**jax_env(), "KERAS_BACKEND": backend}
+        out = subprocess.run([sys.executable, "-c", script, str(made[backend])], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    import numpy as np
+
+    under_jax, under_tensorflow = np.load(made["jax"]), np.load(made["tensorflow"])
+    assert under_jax.shape == (4, 48, 48, 3) and np.abs(under_jax - under_tensorflow).max() == 0.0
+    source = np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 3)).astype("float32")
+    assert np.abs(under_jax - source).mean() > 1.0  # augmented, not passed through
+
+
+@pytest.mark.slow
+def test_train_job_runs_under_jax_and_its_model_serves_under_either_backend(tmp_path, data_dir):
+    """The classifier's whole job under JAX: training, the LiteRT export (a TensorFlow subprocess), MLflow with
+    the JAX packages pinned, the registry. The registered model then predicts the same under JAX's Keras runtime,
+    TensorFlow's and LiteRT."""
+    from importlib import metadata as distributions
+
+    import mlflow
+    import numpy as np
+
+    from conftest import cli_env
+    from maskwatch.detect import Predictor
+
+    args = ["--set", "data.max_photos=24", "--set", "train.phase1_epochs=1", "--set", "train.phase2_epochs=1",
+            "--set", "evaluate.bootstrap_samples=200"]
+    env = jax_env(cli_env(tmp_path, data_dir))
+    out = subprocess.run([MASKWATCH, "train", *args], capture_output=True, text=True, timeout=900, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "promoted=True" in out.stdout and "[phase2] epoch 1/1" in out.stderr
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = client.get_model_version_by_alias("maskwatch", "champion")
+    mlflow.set_tracking_uri(tracking_uri)
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{version.run_id}/model/requirements.txt",
+                                                            dst_path=str(tmp_path / "logged"))).read_text().split()
+    assert {f"{name}=={distributions.version(name)}" for name in ("jax", "jaxlib", "keras")} <= set(requirements)
+    assert not [line for line in requirements if line.startswith("tensorflow")], requirements
+
+    bundle = next((tmp_path / "artifacts" / "runs").glob("*/model"))
+    assert (bundle / "model_float.tflite").stat().st_size > 1_000_000
+    script = """
+import sys, numpy as np
+from maskwatch.detect import Predictor
+faces = np.random.default_rng(5).uniform(0, 255, (3, 160, 160, 3)).astype("float32")
+np.save(sys.argv[2], Predictor.from_path(sys.argv[1], "keras").predict_inputs(faces))
+"""
+    under_jax = subprocess.run([sys.executable, "-c", script, str(bundle), str(tmp_path / "jax.npy")],
+                               capture_output=True, text=True, timeout=300, env=env)
+    assert under_jax.returncode == 0, under_jax.stderr[-3000:]
+    faces = np.random.default_rng(5).uniform(0, 255, (3, 160, 160, 3)).astype("float32")
+    reference = np.load(tmp_path / "jax.npy")
+    assert reference.shape == (3, 3)
+    for runtime in ("keras", "litert"):  # this process: the TensorFlow backend
+        np.testing.assert_allclose(Predictor.from_path(bundle, runtime).predict_inputs(faces), reference, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_train_detector_job_runs_under_jax(tmp_path, data_dir):
     from conftest import cli_env
