@@ -29,6 +29,7 @@ YUNET_PATH = Path(os.environ.get("MASKWATCH_YUNET_PATH") or SHARED / "models" / 
 if (SHARED / "keras").is_dir():  # otherwise Keras downloads the ImageNet weights itself
     os.environ.setdefault("KERAS_HOME", str(SHARED / "keras"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # tests that load onnxruntime themselves send nothing either
 
 
 def pytest_configure(config):

@@ -154,9 +154,22 @@ def decode_yunet(outputs: dict[str, np.ndarray], padded_width: int, score_thresh
     return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 15), np.float32)
 
 
+def onnxruntime_without_telemetry():
+    """onnxruntime, imported with its usage telemetry off unless the user chose otherwise.
+
+    ONNX Runtime 1.32 on Linux starts telemetry when it loads (an offline store in TMPDIR, then a DNS lookup of
+    Microsoft's collector every few seconds: 10 in two minutes here). maskwatch handles faces and runs on
+    air-gapped machines, so it sends nothing; ORT_DISABLE_TELEMETRY=0 set by the user turns it back on.
+    """
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # read once, when onnxruntime loads
+    import onnxruntime
+
+    return onnxruntime
+
+
 def _onnx_session(path: Path, num_threads: int, failure: str):
     """A CPU onnxruntime session for a face detector; an unloadable file is a DetectorModelError(failure: why)."""
-    import onnxruntime as ort
+    ort = onnxruntime_without_telemetry()
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_threads
@@ -479,7 +492,7 @@ def litert_runtime(path: Path, num_threads: int):
 
 
 def _onnx_runtime(path: Path, num_threads: int):
-    import onnxruntime as ort
+    ort = onnxruntime_without_telemetry()
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_threads

@@ -77,3 +77,25 @@ def test_predict_takes_folders_and_counts_faces_by_label(tiny_bundle, data_dir, 
     empty = subprocess.run([MASKWATCH, "predict", str(tmp_path / "empty"), "--model", str(tiny_bundle)],
                            capture_output=True, text=True, timeout=300, env=env)
     assert empty.returncode == 2 and "no photos in this folder" in empty.stderr
+
+
+def test_onnx_runtime_telemetry_stays_off_unless_the_user_turns_it_on(tiny_bundle, data_dir, yunet_path, tmp_path):
+    """ONNX Runtime 1.32 on Linux starts usage telemetry when it loads: its offline store is a `.ses` file in
+    TMPDIR, and DNS lookups of Microsoft's collector follow every few seconds. `maskwatch predict` (YuNet runs in
+    onnxruntime) starts none; a user's own ORT_DISABLE_TELEMETRY=0 is obeyed (a load that
+    ends before any upload, which also shows that the probe sees telemetry when it runs)."""
+    def temp_files_after(command: list[str], name: str, **chosen) -> set[str]:
+        tmpdir = tmp_path / name
+        tmpdir.mkdir()
+        env = {key: value for key, value in os.environ.items() if key != "ORT_DISABLE_TELEMETRY"}
+        env.update(MASKWATCH_YUNET_PATH=str(yunet_path), TMPDIR=str(tmpdir), **chosen)
+        out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return {path.name for path in tmpdir.iterdir()}
+
+    photo = str(data_dir / "images" / "maksssksksss0.jpg")
+    assert ".ses" not in temp_files_after([MASKWATCH, "predict", photo, "--model", str(tiny_bundle)], "predict")
+    load_through_maskwatch = "from maskwatch.detect import onnxruntime_without_telemetry as o; o()"
+    assert ".ses" not in temp_files_after([sys.executable, "-c", load_through_maskwatch], "default")
+    assert ".ses" in temp_files_after([sys.executable, "-c", load_through_maskwatch], "user-on",
+                                      ORT_DISABLE_TELEMETRY="0")
