@@ -378,8 +378,11 @@ def serve(model: ModelOpt = None,
             # copy, which a later fetch with new files (maskwatch export) deletes.
             bundle = pin_bundle(bundle, Path(run_dir) / "model")
         settings.serve.workers = workers or settings.serve.workers  # workers size their thread slice from it
-        command = gunicorn_command(f"{bind_host}:{bind_port}", settings.serve.workers, settings.serve.worker_class)
+        control_socket = Path(run_dir) / "gunicorn.ctl"  # in this server's private folder: its own
+        command = gunicorn_command(f"{bind_host}:{bind_port}", settings.serve.workers, settings.serve.worker_class,
+                                   str(control_socket))
         err(f"serving {bundle} on http://{bind_host}:{bind_port} with {' '.join(command[2:])}")
+        err(f"manage its workers with: gunicornc -s {control_socket}")
         metrics_dir = Path(run_dir) / "metrics"
         metrics_dir.mkdir()
         status = run_server(command, serve_environment(settings, str(bundle), str(metrics_dir)))

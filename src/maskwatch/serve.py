@@ -331,16 +331,18 @@ def _openapi_json() -> str:
     return json.dumps(openapi_spec())
 
 
-def gunicorn_command(bind: str, workers: int, worker_class: str) -> list[str]:
+def gunicorn_command(bind: str, workers: int, worker_class: str, control_socket: str) -> list[str]:
     import sys
 
     app_spec = "maskwatch.serve:create_app()"
     # gevent without keep-alive: a kept-alive connection stays with one worker and its next request, already
     # there, is served before the other connections' (p99 935 ms with it, 137 ms without at 8 clients; load.py).
     keep_alive = ["--keep-alive", "0"] if worker_class == "gevent" else []
+    # gunicorn's control socket (for gunicornc) defaults to one path per user, ~/.gunicorn/gunicorn.ctl: a second
+    # server took it over, and the first of them to stop deleted it. So each server gets its own.
     return [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers), "--worker-class",
             worker_class, *keep_alive, "--timeout", "120", "--graceful-timeout", "10", "--access-logfile", "-",
-            app_spec]
+            "--control-socket", control_socket, app_spec]
 
 
 def run_server(command: list[str], env: dict[str, str]) -> int:

@@ -74,7 +74,7 @@ def test_clients_that_send_their_headers_slowly_do_not_hold_the_workers(gunicorn
 def test_gunicorn_command_names_the_worker_class(worker_class, keep_alive):
     from maskwatch.serve import gunicorn_command
 
-    command = gunicorn_command("127.0.0.1:8000", 2, worker_class)
+    command = gunicorn_command("127.0.0.1:8000", 2, worker_class, "/run/maskwatch/gunicorn.ctl")
     at = command.index("--worker-class")
     assert command[at + 1] == worker_class
     assert command[at + 2:at + 2 + len(keep_alive)] == keep_alive and ("--keep-alive" in command) == bool(keep_alive)
@@ -98,3 +98,45 @@ def test_a_stop_signal_to_maskwatch_serve_alone_stops_gunicorn_and_cleans_up(sto
     assert list(temp.glob("maskwatch-*")) == []
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/health", timeout=5)
+
+
+def test_two_servers_each_answer_on_their_own_control_socket(tiny_bundle, tmp_path):
+    """gunicorn 25.1+ opens a control socket for gunicornc, by default one per user (~/.gunicorn/gunicorn.ctl): a
+    second `maskwatch serve` took it over, and when that one stopped it deleted the path, leaving the first
+    server unmanageable. Each server now has its own, in its private folder, and nothing is written to HOME."""
+    import json
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import start_maskwatch_serve, stop_server
+
+    gunicornc = str(Path(sys.executable).parent / "gunicornc")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": ""}
+    servers = {}
+    try:
+        for name in ("first", "second"):
+            log = tmp_path / f"{name}.log"
+            _, proc = start_maskwatch_serve(["--model", str(tiny_bundle)], log, env=env)
+            text = log.read_text()
+            servers[name] = (proc, re.search(r"gunicornc -s (\S+)", text).group(1),
+                             int(re.search(r"Listening at: \S+ \((\d+)\)", text).group(1)))
+
+        def master_pid_on(control_socket: str) -> int:
+            out = subprocess.run([gunicornc, "-s", control_socket, "-c", "show stats", "-j"], capture_output=True,
+                                 text=True, timeout=30)
+            assert out.returncode == 0, out.stdout + out.stderr
+            return json.loads(out.stdout)["pid"]
+
+        (_, first_socket, first_pid), (second, second_socket, second_pid) = servers["first"], servers["second"]
+        assert first_socket != second_socket and Path(first_socket).parent.name.startswith("maskwatch-serve-")
+        assert master_pid_on(first_socket) == first_pid and master_pid_on(second_socket) == second_pid
+        stop_server(second)
+        assert not Path(second_socket).exists() and master_pid_on(first_socket) == first_pid
+        assert list(home.iterdir()) == []
+    finally:
+        for proc, _, _ in servers.values():
+            stop_server(proc)
