@@ -78,6 +78,7 @@ def test_gunicorn_command_names_the_worker_class(worker_class, keep_alive):
     at = command.index("--worker-class")
     assert command[at + 1] == worker_class
     assert command[at + 2:at + 2 + len(keep_alive)] == keep_alive and ("--keep-alive" in command) == bool(keep_alive)
+    assert command[command.index("--control-socket") + 1] == "/run/maskwatch/gunicorn.ctl"
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
