@@ -165,6 +165,11 @@ def photo_bytes(data_dir):
     return (data_dir / "images" / "maksssksksss0.jpg").read_bytes()
 
 
+# The classifier's job small enough for a test: 24 photos, one epoch per phase.
+TINY_TRAIN_JOB = ["--set", "data.max_photos=24", "--set", "train.phase1_epochs=1", "--set", "train.phase2_epochs=1",
+                  "--set", "evaluate.bootstrap_samples=200"]
+
+
 def cli_env(work: Path, data_dir: Path) -> dict:
     """Environment for a CLI run in `work`: the real data set, artifacts and the SQLite store kept inside it."""
     env = {**os.environ, "MASKWATCH_DATA_DIR": str(data_dir), "MASKWATCH_WORK_DIR": str(work / "artifacts")}

@@ -15,11 +15,10 @@ MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     work = tmp_path_factory.mktemp("cli")
-    from conftest import cli_env
+    from conftest import TINY_TRAIN_JOB, cli_env
 
     env = cli_env(work, data_dir)
-    args = ["--set", "data.max_photos=24", "--set", "train.phase1_epochs=1", "--set", "train.phase2_epochs=1",
-            "--set", "evaluate.bootstrap_samples=200"]
+    args = TINY_TRAIN_JOB
     out = subprocess.run([MASKWATCH, "train", *args], capture_output=True, text=True, timeout=600, env=env, cwd=work)
     assert out.returncode == 0, out.stderr[-3000:]
     return work, env, args, out

@@ -82,13 +82,11 @@ def test_train_job_runs_under_jax_and_its_model_serves_under_either_backend(tmp_
     import mlflow
     import numpy as np
 
-    from conftest import cli_env
+    from conftest import TINY_TRAIN_JOB, cli_env
     from maskwatch.detect import Predictor
 
-    args = ["--set", "data.max_photos=24", "--set", "train.phase1_epochs=1", "--set", "train.phase2_epochs=1",
-            "--set", "evaluate.bootstrap_samples=200"]
     env = jax_env(cli_env(tmp_path, data_dir))
-    out = subprocess.run([MASKWATCH, "train", *args], capture_output=True, text=True, timeout=900, env=env,
+    out = subprocess.run([MASKWATCH, "train", *TINY_TRAIN_JOB], capture_output=True, text=True, timeout=900, env=env,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "promoted=True" in out.stdout and "[phase2] epoch 1/1" in out.stderr

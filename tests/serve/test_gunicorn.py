@@ -105,8 +105,6 @@ def test_two_servers_each_answer_on_their_own_control_socket(tiny_bundle, tmp_pa
     """gunicorn 25.1+ opens a control socket for gunicornc, by default one per user (~/.gunicorn/gunicorn.ctl): a
     second `maskwatch serve` took it over, and when that one stopped it deleted the path, leaving the first
     server unmanageable. Each server now has its own, in its private folder, and nothing is written to HOME."""
-    import json
-    import re
     import subprocess
     import sys
     from pathlib import Path
