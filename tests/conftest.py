@@ -3,6 +3,7 @@ named by MASKWATCH_SHARED_DIR / KERAS_HOME / MASKWATCH_DATA_DIR / MASKWATCH_YUNE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -318,16 +319,35 @@ class MlflowServer:
         os.killpg(self.process.pid, signal.SIGCONT)
 
 
-def first_run_with_a_logged_epoch(client, still_running=lambda: True, store_exists=lambda: True,
-                                  timeout: float = 600, every: float = 0.3):
-    """Poll a tracking store until a run of the "maskwatch" experiment has logged a training epoch (mid-training);
-    returns that run, or None if `still_running()` turned false or `timeout` passed first. A SQLite store is not
-    read before `store_exists()`: reading would create it, racing the job's own creation."""
+def sqlite_run_with_a_logged_epoch(db_path: Path, still_running=lambda: True, timeout: float = 300,
+                                   every: float = 1) -> str | None:
+    """Poll a job's SQLite store, read-only and without MLflow, until a run has logged a training epoch; returns
+    its run id, or None if `still_running()` turned false or `timeout` passed first. MLflow here would create the
+    store's tables if it found them missing or half made, racing the job's own creation of them."""
+    import sqlite3
     import time
 
     deadline = time.time() + timeout
     while time.time() < deadline and still_running():
-        experiment = client.get_experiment_by_name("maskwatch") if store_exists() else None
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as db:
+                row = db.execute("SELECT run_uuid FROM metrics WHERE key = 'phase1_loss' LIMIT 1").fetchone()
+        except sqlite3.OperationalError:  # no file yet, or no metrics table yet
+            row = None
+        if row:
+            return row[0]
+        time.sleep(every)
+    return None
+
+
+def first_run_with_a_logged_epoch(client, timeout: float = 600, every: float = 0.3):
+    """Poll a tracking server until a run of the "maskwatch" experiment has logged a training epoch (mid-training);
+    returns that run, or None if `timeout` passed first."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        experiment = client.get_experiment_by_name("maskwatch")
         runs = client.search_runs([experiment.experiment_id]) if experiment else []
         if runs and client.get_metric_history(runs[0].info.run_id, "phase1_loss"):
             return runs[0]

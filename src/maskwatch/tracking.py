@@ -76,17 +76,40 @@ def configure(settings: Settings) -> str:
     mlflow = _mlflow()
     uri = settings.tracking_uri
     check_tracking_reachable(uri)
+    if uri.startswith("sqlite:"):
+        _create_sqlite_tables_once(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    experiment = mlflow.get_experiment_by_name(settings.tracking.experiment_name)
-    if experiment is None:
+    name = settings.tracking.experiment_name
+    if mlflow.get_experiment_by_name(name) is None:
         artifact_location = None
         if uri.startswith("sqlite:"):  # keep artifacts beside the SQLite file, not in the cwd's ./mlruns
             db_path = Path(uri.removeprefix("sqlite:///"))
             artifact_location = (db_path.parent / "mlartifacts").resolve().as_uri()
-        mlflow.create_experiment(settings.tracking.experiment_name, artifact_location=artifact_location)
-    mlflow.set_experiment(settings.tracking.experiment_name)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlflow.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as error:  # another process created it since we looked: use theirs
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    mlflow.set_experiment(name)
     return uri
+
+
+def _create_sqlite_tables_once(uri: str) -> None:
+    """MLflow's tracking store creates a new SQLite file's tables without a lock, so processes opening one new store
+    at once break each other ("table runs already exists", alembic's "expected to match one row"): two jobs of a
+    sweep, or a job and `maskwatch models list`. Create them first under the file lock that MLflow's own job and
+    workspace stores take for the same database; on a store that has its tables this only checks for them."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _safe_initialize_tables  # mlflow is pinned: this private helper is tested
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        _safe_initialize_tables(engine)
+    finally:
+        engine.dispose()
 
 
 def git_commit() -> str:
