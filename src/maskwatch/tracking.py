@@ -854,22 +854,45 @@ def decide_promotion(settings: Settings, version: str | None, challenger_metrics
     if version is None:
         decision.reason = "model was not registered"
         return decision
-    current = champion_version(tracking.registered_model_name, tracking.champion_alias)
-    if current is None:
-        decision.promoted, decision.reason = True, "no champion yet"
-    elif str(current.version) == str(version):
-        decision.promoted, decision.reason = True, "already champion"
-    else:
-        decision.champion_version = str(current.version)
-        decision.champion_value = float(champion_metrics_for(str(current.version))[metric])
-        margin = challenger_value - decision.champion_value
-        decision.promoted = margin > tracking.min_improvement
-        decision.reason = (f"{metric} {challenger_value:.4f} vs champion v{current.version} "
-                           f"{decision.champion_value:.4f} (margin {margin:+.4f}, needed > {tracking.min_improvement})")
-    if decision.promoted:
-        promote(settings, version)
+    current = _champion_number(settings)
+    while True:
+        _judge(decision, current, str(version), champion_metrics_for, tracking.min_improvement)
+        if not decision.promoted:
+            break
+        # Jobs of a sweep finish together: one may have promoted its model while this one was scoring the old
+        # champion. Promote only over the champion this one was compared with; otherwise compare with the new one.
+        latest = _champion_number(settings)
+        if latest == current:
+            promote(settings, version)
+            break
+        log.info("the champion changed from v%s to v%s during the comparison: comparing with v%s", current,
+                 latest, latest)
+        current = latest
     _client().set_model_version_tag(tracking.registered_model_name, version, "promotion", decision.reason)
     return decision
+
+
+def _champion_number(settings: Settings) -> str | None:
+    current = champion_version(settings.tracking.registered_model_name, settings.tracking.champion_alias)
+    return None if current is None else str(current.version)
+
+
+def _judge(decision: PromotionDecision, champion: str | None, version: str,
+           champion_metrics_for: Callable[[str], dict[str, float]], min_improvement: float) -> None:
+    """Fill in whether `decision`'s challenger beats `champion` (a version number, or None when there is none)."""
+    decision.champion_version = decision.champion_value = None
+    if champion is None:
+        decision.promoted, decision.reason = True, "no champion yet"
+    elif champion == version:
+        decision.promoted, decision.reason = True, "already champion"
+    else:
+        metric, challenger_value = decision.metric, decision.challenger_value
+        decision.champion_version = champion
+        decision.champion_value = float(champion_metrics_for(champion)[metric])
+        margin = challenger_value - decision.champion_value
+        decision.promoted = margin > min_improvement
+        decision.reason = (f"{metric} {challenger_value:.4f} vs champion v{champion} "
+                           f"{decision.champion_value:.4f} (margin {margin:+.4f}, needed > {min_improvement})")
 
 
 def promote(settings: Settings, version: str) -> None:
