@@ -100,17 +100,29 @@ def configure(settings: Settings) -> str:
 def _create_sqlite_tables_once(uri: str) -> None:
     """MLflow's tracking store creates a new SQLite file's tables without a lock, so processes opening one new store
     at once break each other ("table runs already exists", alembic's "expected to match one row"): two jobs of a
-    sweep, or a job and `maskwatch models list`. Create them first under the file lock that MLflow's own job and
-    workspace stores take for the same database; on a store that has its tables this only checks for them."""
+    sweep, or a job and `maskwatch models list`. The first creates them here while holding a lock on the store's
+    folder; the others wait, then find them. A lock on the folder itself leaves no lock file anywhere (MLflow's
+    own helper for this leaves one in the temp folder per database)."""
+    path = uri.removeprefix("sqlite:///")
+    folder = Path(path).resolve().parent
+    if os.name == "nt" or path == uri or path in ("", ":memory:") or not folder.is_dir():
+        return  # no flock on Windows; nothing shared in memory; a missing folder fails in MLflow as it would anyway
+    import fcntl
+
     import sqlalchemy
-    from mlflow.store.db.utils import _safe_initialize_tables  # mlflow is pinned: this private helper is tested
+    from mlflow.store.db import utils as db_utils  # mlflow is pinned; tests/model/test_cli_job.py covers this
 
-    engine = sqlalchemy.create_engine(uri)
+    folder_fd = os.open(folder, os.O_RDONLY)
     try:
-        _safe_initialize_tables(engine)
+        fcntl.flock(folder_fd, fcntl.LOCK_EX)
+        engine = sqlalchemy.create_engine(uri)
+        try:
+            if not db_utils._all_tables_exist(engine):
+                db_utils._initialize_tables(engine)
+        finally:
+            engine.dispose()
     finally:
-        engine.dispose()
-
+        os.close(folder_fd)  # releases the lock
 
 def git_commit() -> str:
     try:
