@@ -17,6 +17,7 @@ $py benchmarks/hostile.py 2>benchmarks/results/hostile.log | tee benchmarks/resu
 $py benchmarks/slow_clients.py 2>benchmarks/results/slow_clients.log | tee benchmarks/results/slow_clients.txt
 $py benchmarks/model_load.py 2>benchmarks/results/model_load.log | tee benchmarks/results/model_load.txt
 $py benchmarks/model_logging.py 2>benchmarks/results/model_logging.log | tee benchmarks/results/model_logging.txt
+$py benchmarks/determinism.py 2>benchmarks/results/determinism.log | tee benchmarks/results/determinism.txt
 $py benchmarks/int8_fidelity.py 2>benchmarks/results/int8_fidelity.log | tee benchmarks/results/int8_fidelity.txt
 $py benchmarks/calibration.py --detection 2>benchmarks/results/calibration.log | tee benchmarks/results/calibration.txt
 $py benchmarks/video_smoothing.py 2>benchmarks/results/video_smoothing.log | tee benchmarks/results/video_smoothing.txt

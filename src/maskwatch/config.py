@@ -91,6 +91,10 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(6, ge=1)
     reduce_lr_patience: int | None = Field(3, ge=1)
     seed: int = 42
+    deterministic: bool = Field(False, description=(
+        "TensorFlow's deterministic ops: the same seed then gives the same model, run after run (without them two "
+        "runs differ from the first epoch). Costs speed (benchmarks/determinism.py); GPU ops lacking a "
+        "deterministic kernel raise."))
     cache_in_memory: bool = True
     decision_bias: Literal["none", "val_macro_f1"] = Field(
         "none", description="val_macro_f1: per-class log-prior bias tuned on the validation split, kept in metadata.")

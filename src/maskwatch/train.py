@@ -26,7 +26,9 @@ class TrainingHistory:
 
     def extend(self, phase: str, keras_history: dict[str, list[float]], epoch_seconds: list[float]) -> None:
         n_epochs = len(next(iter(keras_history.values()), []))
-        for key in set(self.history) | set(keras_history):
+        # In Keras' order, not a set's: a set of names iterates in a different order in every process, and so did
+        # history.csv's columns.
+        for key in [*self.history, *(key for key in keras_history if key not in self.history)]:
             past = self.history.setdefault(key, [math.nan] * len(self.phases))
             past.extend(float(v) for v in keras_history.get(key, [math.nan] * n_epochs))
         seconds = self.history.setdefault("epoch_seconds", [math.nan] * len(self.phases))
@@ -55,10 +57,17 @@ def seconds_per_epoch(history_frame: pd.DataFrame) -> dict[str, float]:
     return history_frame.groupby("phase", sort=False)["epoch_seconds"].mean().to_dict()
 
 
-def set_seeds(seed: int) -> None:
+def set_seeds(seed: int, deterministic: bool = False) -> None:
     import keras
 
     keras.utils.set_random_seed(seed)  # python, numpy and backend seeds
+    if deterministic:
+        # Seeds alone fix what is drawn, not the order TensorFlow's kernels sum floats in: without this two runs of
+        # one seed differed from the first epoch's loss (1.36 and 1.69). Process-wide and cannot be undone; it
+        # also covers the tf.data input pipeline under the JAX backend, not XLA's own kernels.
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def _keras_callback_base():
@@ -145,7 +154,7 @@ def two_phase_training(train_data, val_data, model_path, settings: Settings | No
     """Phase 1: base frozen, Adam 1e-3. Phase 2: last N base layers unfrozen, Adam 1e-5. -> (history, model)."""
     settings = settings or Settings()
     train = settings.train
-    set_seeds(train.seed)
+    set_seeds(train.seed, train.deterministic)
     model_path = Path(model_path)
     model, base_model = _builder(settings).build_model(fine_tune=False)
     checkpoint, history = _checkpoint(model_path, settings), TrainingHistory()
@@ -160,7 +169,7 @@ def two_phase_training(train_data, val_data, model_path, settings: Settings | No
 def single_phase_training(train_data, val_data, model_path, settings: Settings | None = None, class_weight=None,
                           extra_callbacks: PhaseCallbacks | None = None):
     settings = settings or Settings()
-    set_seeds(settings.train.seed)
+    set_seeds(settings.train.seed, settings.train.deterministic)
     model_path = Path(model_path)
     model, _ = _builder(settings).build_model(fine_tune=False)
     history = TrainingHistory()
