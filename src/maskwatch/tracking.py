@@ -124,6 +124,7 @@ def _create_sqlite_tables_once(uri: str) -> None:
     finally:
         os.close(folder_fd)  # releases the lock
 
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
