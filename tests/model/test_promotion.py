@@ -11,15 +11,21 @@ from maskwatch import tracking
 NAME = "maskwatch"
 
 
-@pytest.fixture()
-def registry(settings_factory):
-    """Settings whose store holds versions 1 to 3 of the model, version 1 the champion."""
+def store_with_versions(settings_factory, count: int):
+    """Settings whose new SQLite store holds versions 1 to `count` of the model, none of them champion."""
     settings = settings_factory()
     tracking.configure(settings)
     client = tracking._client()
     client.create_registered_model(NAME)
-    for _ in range(3):
+    for _ in range(count):
         client.create_model_version(NAME, source=(settings.work_dir / "never-loaded").as_uri())
+    return settings, client
+
+
+@pytest.fixture()
+def registry(settings_factory):
+    """Settings whose store holds versions 1 to 3 of the model, version 1 the champion."""
+    settings, client = store_with_versions(settings_factory, 3)
     tracking.promote(settings, "1")
     return settings, client
 
@@ -63,12 +69,7 @@ def test_a_champion_promoted_during_the_comparison_is_compared_with_too(registry
 
 
 def test_the_first_model_becomes_champion_and_the_next_is_compared_with_it(settings_factory):
-    settings = settings_factory()
-    tracking.configure(settings)
-    client = tracking._client()
-    client.create_registered_model(NAME)
-    for _ in range(2):
-        client.create_model_version(NAME, source=(settings.work_dir / "never-loaded").as_uri())
+    settings, client = store_with_versions(settings_factory, 2)
     first = tracking.decide_promotion(settings, "1", {"macro_f1": 0.85}, macro_f1_of({}))
     assert first.promoted and first.reason == "no champion yet"
     second = tracking.decide_promotion(settings, "2", {"macro_f1": 0.80}, macro_f1_of({"1": 0.85}))
