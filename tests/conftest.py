@@ -41,6 +41,41 @@ def pytest_configure(config):
         )
 
 
+# What a test run may add to the checkout: pytest's and Hypothesis' own caches and Python's bytecode.
+_RUN_CACHES = (".pytest_cache/", ".hypothesis/", "__pycache__/")
+_checkout_before = pytest.StashKey["set[str] | None"]()
+
+
+def _left_in_checkout() -> set[str] | None:
+    """The checkout's untracked and ignored paths as git lists them (folders whole); None outside a git checkout."""
+    try:
+        listed = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored"], capture_output=True,
+                                text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
+    return {line[3:] for line in listed.stdout.splitlines()
+            if line[:2] in ("??", "!!") and not line[3:].endswith(_RUN_CACHES)}
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the one process that sees the whole run, with or without xdist
+        session.config.stash[_checkout_before] = _left_in_checkout()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests write into temp folders, never into the checkout (a test once left an MLflow ./mlruns there)."""
+    before = session.config.stash.get(_checkout_before, None)
+    after = _left_in_checkout() if before is not None else None
+    if after is None or not (added := sorted(after - before)):
+        return
+    sys.stderr.write(f"\nthe tests left these in the checkout {REPO}: {', '.join(added)}\n")
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+
 def pytest_collection_modifyitems(items):
     """The notebook first: it is the longest test file, and scripts/test.sh's two workers take whole files in
     collection order, so collected last (as its name sorts) it would run alone while the other worker idles."""

@@ -145,7 +145,8 @@ def test_a_retry_of_what_the_server_recorded_records_nothing_twice(tmp_path, cap
     store = f"sqlite:///{tmp_path / 'store.db'}"
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
-    mlflow.set_experiment("retry")  # not the experiment an earlier test made active in its own store
+    # Not the experiment an earlier test made active in its own store; its artifacts in tmp_path, not ./mlruns.
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("retry", (tmp_path / "artifacts").as_uri()))
     with mlflow.start_run() as run:
         tracking._log_epoch_without_stalling({"loss": 0.5}, step=1)
         (sent,) = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
