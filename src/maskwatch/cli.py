@@ -63,14 +63,14 @@ def _quiet_backends() -> None:
 
 def _settings(config: Path | None, preset: str, overrides: list[str] | None, data_dir: Path | None = None,
               tracking_uri: str | None = None, work_dir: Path | None = None) -> Settings:
-    nested = parse_dotted_overrides(overrides or [])
-    if data_dir:
-        nested.setdefault("data", {})["source_dir"] = str(data_dir)
-    if tracking_uri:
-        nested.setdefault("tracking", {})["tracking_uri"] = tracking_uri
-    if work_dir:
-        nested.setdefault("paths", {})["work_dir"] = str(work_dir)
     try:
+        nested = parse_dotted_overrides(overrides or [])
+        if data_dir:
+            nested.setdefault("data", {})["source_dir"] = str(data_dir)
+        if tracking_uri:
+            nested.setdefault("tracking", {})["tracking_uri"] = tracking_uri
+        if work_dir:
+            nested.setdefault("paths", {})["work_dir"] = str(work_dir)
         return load_settings(config, preset, nested)
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from error
@@ -307,6 +307,8 @@ def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
 
     photos = []
     for path in paths:
+        if not path.exists():  # before the model loads: seconds spent on a typo
+            _fail(f"{path}: no such file or folder")
         if not path.is_dir():
             photos.append((path, Path(path.name)))
             continue

@@ -5,13 +5,14 @@ Precedence (lowest to highest): defaults < preset < YAML file < environment < CL
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CLASS_NAMES: tuple[str, ...] = ("with_mask", "without_mask", "mask_weared_incorrect")
 
@@ -283,19 +284,61 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message names each offending setting and where it came from."""
+
+
 def parse_dotted_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ["train.phase1_epochs=2", ...] into a nested dict; values are parsed as YAML scalars."""
     nested: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"override {pair!r} is not of the form section.key=value")
-        dotted, raw = pair.split("=", 1)
+        dotted, equals, raw = pair.partition("=")
         keys = dotted.strip().split(".")
+        if not equals or len(keys) < 2 or not all(keys):
+            raise ConfigError(f"override {pair!r} is not of the form section.key=value")
         node = nested
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             node = node.setdefault(key, {})
-        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r} conflicts with the override that sets "
+                                  f"{'.'.join(keys[:depth + 1])} itself")
+        try:
+            node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({_first_line(error)}); "
+                              "quote it if it is a string") from error
     return nested
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]
+
+
+def _explained(error: ValidationError) -> str:
+    """pydantic's report as one line per setting, with the nearest known name for a misspelt one."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            known = _known_names(problem["loc"][:-1])
+            section = "".join(f"{part}." for part in problem["loc"][:-1])
+            close = difflib.get_close_matches(str(problem["loc"][-1]), known, n=2)
+            hint = f"did you mean {' or '.join(section + name for name in close)}?" if close else \
+                f"known: {', '.join(known)}"
+            lines.append(f"  {where}: no such setting ({hint})")
+        else:
+            lines.append(f"  {where}: {problem['msg']} (got {problem['input']!r})")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+def _known_names(section_path: tuple) -> list[str]:
+    model: type[BaseModel] = Settings
+    for name in section_path:
+        field = model.model_fields.get(str(name))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
@@ -313,7 +356,7 @@ def load_settings(
     environ: dict[str, str] | None = None,
 ) -> Settings:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     environ = dict(os.environ) if environ is None else environ
     merged: dict[str, Any] = deep_merge({}, PRESETS[preset])
     config_file = config_file or environ.get("MASKWATCH_CONFIG")
@@ -321,10 +364,16 @@ def load_settings(
         path = Path(config_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of sections")
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
         merged = deep_merge(merged, loaded)
     merged = deep_merge(merged, _env_overrides(environ))
     merged = deep_merge(merged, overrides or {})
-    return Settings.model_validate(merged)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_explained(error)) from error

@@ -34,6 +34,14 @@ class TrackingUnavailableError(RuntimeError):
     """The tracking server cannot be reached; nothing was logged."""
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A models:/ or runs:/ URI names nothing in the tracking store (or there is no store yet)."""
+
+    def __init__(self, uri: str, why: str):
+        super().__init__(f"no model {uri}: {why}. Train one with `maskwatch train`, point --tracking-uri (or "
+                         "MASKWATCH_TRACKING_URI) at the store that holds it, or give --model a bundle folder or .keras file")
+
+
 @dataclass
 class PromotionDecision:
     version: str | None
@@ -848,13 +856,25 @@ def attach_to_registered_model(uri: str, settings: Settings, files: list[Path]) 
 
 def resolve_model_uri(uri: str, settings: Settings) -> Path:
     """models:/name@alias, models:/name/3, runs:/id/model -> local bundle folder; paths pass through."""
-    if uri.startswith(("models:/", "runs:/")):
-        try:
-            configure(settings)
-        except TrackingUnavailableError as down:  # a pinned version already fetched still loads
-            return _offline_bundle(uri, settings.tracking_uri, down)
+    if not uri.startswith(("models:/", "runs:/")):
+        return Path(uri)
+    from mlflow.exceptions import MlflowException
+
+    store = settings.tracking_uri.removeprefix("sqlite:///")
+    if store != settings.tracking_uri and store not in ("", ":memory:") and not Path(store).exists():
+        # Opening it would leave an empty store behind, in whatever folder a `predict` happened to run.
+        raise ModelNotFoundError(uri, f"there is no tracking store at {store}")
+    try:
+        configure(settings)
+    except TrackingUnavailableError as down:  # a pinned version already fetched still loads
+        return _offline_bundle(uri, settings.tracking_uri, down)
+    try:
         return download_model(uri)
-    return Path(uri)
+    except MlflowException as error:
+        # MLflow reports an unknown alias as an invalid parameter, and an unknown model, version or run as missing.
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "alias" in str(error) and "not found" in str(error):
+            raise ModelNotFoundError(uri, f"{str(error).rstrip('.')} in {settings.tracking_uri}") from error
+        raise
 
 
 def decide_promotion(settings: Settings, version: str | None, challenger_metrics: dict[str, float],

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,10 +37,32 @@ def test_config_show_applies_overrides():
     assert "batch_size: 8" in out.stdout and "max_photos: 200" in out.stdout
 
 
-def test_bad_override_is_a_clear_error():
-    out = subprocess.run([MASKWATCH, "config", "show", "--set", "train.imbalance=smote"], capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 2 and "imbalance" in out.stderr and "Traceback" not in out.stderr
+@pytest.mark.parametrize(("args", "named"), [
+    (["--set", "train.imbalance=smote"], "imbalance"), (["--set", "foo"], "section.key=value"),
+    (["--set", "train.phase1_epochs=["], "not valid YAML"), (["--set", "train.phase1_epoch=3"], "did you mean"),
+    (["--config", "broken.yaml"], "is not valid YAML")], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_bad_override_or_config_file_is_a_clear_error(args, named, tmp_path):
+    (tmp_path / "broken.yaml").write_text("train: [\n")
+    out = subprocess.run([MASKWATCH, "config", "show", *args], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 2 and named in " ".join(out.stderr.replace("│", " ").split())
+    assert "Traceback" not in out.stderr
+
+
+def test_predict_names_a_missing_photo_or_model_and_leaves_no_store_behind(tmp_path):
+    """A typo in a photo's name is reported before any model loads; with no tracking store in this folder, the
+    default champion is a clear error with what to do, and no empty mlflow.db is left here."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MASKWATCH_TRACKING_URI")}
+    typo = subprocess.run([MASKWATCH, "predict", "phtoo.jpg"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    assert typo.returncode == 2 and "phtoo.jpg: no such file or folder" in typo.stderr
+    (tmp_path / "photo.jpg").write_bytes(b"not yet a photo")
+    no_store = subprocess.run([MASKWATCH, "predict", "photo.jpg"], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env=env)
+    assert no_store.returncode == 2 and "Traceback" not in no_store.stderr
+    assert f"no model models:/maskwatch@champion: there is no tracking store at {tmp_path / 'mlflow.db'}" in \
+        no_store.stderr and "maskwatch train" in no_store.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):

@@ -159,6 +159,21 @@ def test_a_version_named_some_other_way_is_a_clear_error(registered):
         tracking.resolve_model_uri("models:/maskwatch/Production", settings)
 
 
+def test_a_model_the_store_does_not_hold_is_named_with_what_to_do(registered, settings_factory, tmp_path):
+    settings, _, _ = registered
+    for uri, missing in [("models:/maskwatch@staging", "alias staging not found"),
+                         ("models:/maskwatch/9", "version=9"), ("models:/other@champion", "Registered Model with name=other not found"),
+                         (f"runs:/{'0' * 32}/model", f"Run with id={'0' * 32} not found")]:
+        with pytest.raises(tracking.ModelNotFoundError, match=f"no model {uri}: .*{missing}.*maskwatch train"):
+            tracking.resolve_model_uri(uri, settings)
+    # No store there yet: said so, and opening it does not create one.
+    nowhere = settings_factory(tracking={"tracking_uri": f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"})
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(tracking.ModelNotFoundError, match="there is no tracking store at .*elsewhere"):
+        tracking.resolve_model_uri("models:/maskwatch@champion", nowhere)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_a_pinned_version_loads_from_the_cache_while_the_tracking_server_is_down(
         tiny_bundle, settings_factory, mlflow_server, tmp_path, monkeypatch, caplog, photo_bytes):
     """A server restarting during an MLflow outage still starts with models:/name/3 it fetched before; an alias,
