@@ -74,6 +74,7 @@ def test_frozen_backbone_batchnorm_stays_in_inference_mode():
         build_face_detector(weights=None, backbone_batchnorm="sometimes")
 
 
+@pytest.mark.slow  # 80 s; the classifier's own overfit check (tests/model/test_model.py) stays in the default tier
 def test_overfits_one_batch(two_photos):
     """Two real photos, 60 steps: the loss falls by far and the decoded peaks land on the annotated faces."""
     images, targets, photos = two_photos

@@ -22,6 +22,7 @@ def jax_env(base: dict | None = None) -> dict:
     return {**(base or os.environ), "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
 
 
+@pytest.mark.slow  # 70 s, most of it tf2onnx; the TensorFlow-built detector's export is in the default tier
 def test_a_detector_built_under_jax_exports_to_onnx_with_the_same_outputs(tmp_path):
     """Keras' own JAX export cannot give a free input size; export_onnx hands the .keras file to TensorFlow."""
     script = f"""
