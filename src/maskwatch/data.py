@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from maskwatch.progress import progress_bar
 
 from maskwatch.config import CLASS_NAMES, AugmentConfig, DataConfig, Settings
 from maskwatch.preprocessing import IMAGE_SUFFIXES, CropSpec, ImageDecodeError, extract_face, read_image
@@ -373,7 +373,8 @@ def write_crops(faces: pd.DataFrame, spec: CropSpec, crops_dir: Path, issues: li
 
     out_rows = []
     hasher = hashlib.sha256()
-    for image_path, photo_faces in tqdm(faces.groupby("image_path", sort=False), desc="cropping faces", unit="photo"):
+    for image_path, photo_faces in progress_bar(faces.groupby("image_path", sort=False), desc="cropping faces",
+                                                unit="photo"):
         try:
             image = read_image(image_path)
         except ImageDecodeError as err:

@@ -409,14 +409,14 @@ def evaluate_detection(mask_detector, faces: pd.DataFrame, class_names=CLASS_NAM
     (what serving shows; AP itself uses every face the detector gave). With bootstrap_samples, an interval for
     mAP and each AP over resampled photos.
     """
-    from tqdm.auto import tqdm
+    from maskwatch.progress import progress_bar
 
     class_names = list(class_names)
     scored: list[PhotoDetections] = []
     matched_by_size = {name: [0, 0] for name, _, _ in SIZE_BUCKETS}
     milliseconds = []
     photos = list(faces.groupby("image_path", sort=True))
-    for image_path, truth in tqdm(photos, desc="detecting", unit="photo", disable=not progress):
+    for image_path, truth in progress_bar(photos, desc="detecting", unit="photo", disable=not progress):
         image = read_image(image_path)
         started = time.perf_counter()
         detections = mask_detector.detect(image)
@@ -480,11 +480,11 @@ def fit_box_adjustment(face_detector, faces: pd.DataFrame, min_iou: float = 0.3,
     pair each annotated face with its best-overlapping detection (IoU > min_iou), and return the medians as
     detector.box_adjust values (dx, dy, sw, sh) with the number of pairs they rest on.
     """
-    from tqdm.auto import tqdm
+    from maskwatch.progress import progress_bar
 
     truth_boxes, found_boxes = [], []
-    for image_path, truth in tqdm(list(faces.groupby("image_path", sort=True)), desc="fitting boxes", unit="photo",
-                                  disable=not progress):
+    for image_path, truth in progress_bar(list(faces.groupby("image_path", sort=True)), desc="fitting boxes",
+                                          unit="photo", disable=not progress):
         found = np.array([face.box for face in face_detector.detect(read_image(image_path))], float).reshape(-1, 4)
         for box in truth[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=float):
             overlaps = box_iou(box, found)

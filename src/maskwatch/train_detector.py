@@ -64,12 +64,12 @@ class DetectionPhotos:
 
 def photos_from_faces(faces: pd.DataFrame, class_names=CLASS_NAMES, progress: bool = True) -> DetectionPhotos:
     """Group a split's face rows by photo and decode each photo once."""
-    from tqdm.auto import tqdm
+    from maskwatch.progress import progress_bar
 
     index = {name: i for i, name in enumerate(class_names)}
     photos = DetectionPhotos([], [], [], [])
-    for image_path, rows in tqdm(list(faces.groupby("image_path", sort=True)), desc="loading photos",
-                                 unit="photo", disable=not progress):
+    for image_path, rows in progress_bar(list(faces.groupby("image_path", sort=True)), desc="loading photos",
+                                         unit="photo", disable=not progress):
         photos.images.append(read_image(image_path))
         photos.boxes.append(rows[["xmin", "ymin", "xmax", "ymax"]].to_numpy(np.float32))
         photos.labels.append(rows["label"].map(index).to_numpy(np.int64))
