@@ -56,6 +56,8 @@ RuntimeOpt = Annotated[Optional[Runtime], typer.Option(help="Classifier runtime 
 
 def _quiet_backends() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # MLflow sets its logger's level from this when it is imported, after the setLevel below.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("tensorflow", "absl", "mlflow", "alembic", "urllib3", "matplotlib", "PIL", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

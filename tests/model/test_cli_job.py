@@ -208,6 +208,7 @@ def test_processes_opening_one_new_sqlite_store_at_once_all_succeed(tmp_path, da
     for (stdout, stderr), returncode in outputs:
         assert returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
         assert json.loads(stdout) == []
+        assert "Creating initial MLflow database tables" not in stderr  # MLflow's INFO lines stay quiet
     with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:  # the processes have all ended
         experiments = db.execute("SELECT name FROM experiments WHERE name = 'maskwatch'").fetchall()
     assert experiments == [("maskwatch",)]  # created once, by whichever process came first
