@@ -29,13 +29,16 @@ class _LinesNotRedraws:
         self.stream.flush()
 
 
+def redraws_in_place() -> bool:
+    """Whether standard error shows a carriage-return redraw as one bar: a terminal, or Jupyter's output area."""
+    return sys.stderr.isatty() or type(sys.stderr).__module__.startswith("ipykernel")
+
+
 def progress_bar(iterable: Iterable[Item], **options) -> Iterable[Item]:
     """tqdm over `iterable` on standard error; `options` go to tqdm (desc, unit, total, disable)."""
     from tqdm.auto import tqdm
 
-    stream = sys.stderr
-    in_jupyter = type(stream).__module__.startswith("ipykernel")  # its output area redraws on a carriage return
-    if not (stream.isatty() or in_jupyter):
-        options = {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S, "file": _LinesNotRedraws(stream),
-                   **options}
+    if not redraws_in_place():
+        options = {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S,
+                   "file": _LinesNotRedraws(sys.stderr), **options}
     return tqdm(iterable, **options)

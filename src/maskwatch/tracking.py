@@ -60,6 +60,10 @@ def _mlflow():
     # Fail fast instead of MLflow's default minutes of retries when a server is down.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from maskwatch.progress import redraws_in_place
+
+    if not redraws_in_place():  # MLflow's download bar in a log: a line of bars per model fetched
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     return mlflow

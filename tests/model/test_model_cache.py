@@ -40,13 +40,15 @@ def registered(tiny_bundle, settings_factory, tmp_path, monkeypatch):
     return settings, register_tiny_bundle(tiny_bundle, settings), tmp_path / "cache" / "models"
 
 
-def test_a_registry_model_is_fetched_once_and_leaves_nothing_in_the_temp_folder(registered, tmp_path, monkeypatch):
+def test_a_registry_model_is_fetched_once_and_leaves_nothing_in_the_temp_folder(registered, tmp_path, monkeypatch,
+                                                                                capsys):
     settings, run_id, cache = registered
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
 
     first = tracking.resolve_model_uri("models:/maskwatch@champion", settings)
+    assert "Downloading artifacts" not in capsys.readouterr().err  # no bar of redraws where stderr is no terminal
     again = tracking.resolve_model_uri("models:/maskwatch/1", settings)
     assert tracking.resolve_model_uri("models:/maskwatch/latest", settings) == first
     by_run = tracking.resolve_model_uri(f"runs:/{run_id}/model", settings)
