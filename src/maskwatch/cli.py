@@ -85,9 +85,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _known_errors():
     from maskwatch.data import DataError
+    from maskwatch.model import WeightsUnavailableError
     from maskwatch.tracking import TrackingUnavailableError
 
-    return (DataError, TrackingUnavailableError, FileNotFoundError)
+    return (DataError, TrackingUnavailableError, WeightsUnavailableError, FileNotFoundError)
 
 
 @app.callback()

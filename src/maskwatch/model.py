@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from maskwatch.config import CLASS_NAMES
+
+# The file keras.applications.MobileNetV2(include_top=False, weights="imagenet") loads at any input size, from
+# KERAS_HOME/models/ or downloaded there (Keras' own names; the classifier and the trained detector both use it).
+IMAGENET_NO_TOP_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+                       "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The ImageNet weights are neither in KERAS_HOME nor downloadable (an offline machine)."""
+
+
+def fetch_imagenet_weights(origin: str = IMAGENET_NO_TOP_URL) -> Path:
+    """The ImageNet weights, fetched by Keras' own downloader into its cache unless already there. Jobs call it
+    before any work: offline, a missing file was a traceback from deep inside training, with the MLflow run
+    already recorded as FAILED."""
+    import keras
+
+    name = origin.rsplit("/", 1)[1]
+    try:
+        return Path(keras.utils.get_file(name, origin, cache_subdir="models"))
+    except Exception as error:  # Keras re-raises any download failure as a bare Exception
+        home = os.environ.get("KERAS_HOME") or "~/.keras"
+        raise WeightsUnavailableError(
+            f"cannot get MobileNetV2's ImageNet weights ({name}) into {home}/models: {error}. On a machine "
+            f"without internet, copy that file into {home}/models/ or set KERAS_HOME to a folder whose models/ "
+            "holds it (README, 'Offline use')") from error
 
 
 @dataclass

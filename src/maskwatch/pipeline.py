@@ -24,6 +24,7 @@ from maskwatch.config import CLASS_NAMES, DetectorConfig, DetectorTrainConfig, S
 from maskwatch.data import (DataError, PreparedData, class_counts_table, crops_with_spec, label_indices,
                             prepare_data)
 from maskwatch.export import export_model
+from maskwatch.model import fetch_imagenet_weights
 from maskwatch.evaluate import (EvaluationResult, detection_metric_values, evaluate_model, format_confusion,
                                 format_summary, plot_confusion_matrix, plot_detection_confusion,
                                 plot_reliability_diagram, predict_probabilities, tune_class_bias)
@@ -68,6 +69,7 @@ def champion_metrics_on(prepared: PreparedData, settings: Settings) -> Callable[
 def run_job(settings: Settings, run_name: str | None = None) -> JobResult:
     started = time.perf_counter()
     tracking.configure(settings)  # fail before any work if the tracking store is unreachable
+    fetch_imagenet_weights()  # or if the base model's weights cannot be had
     prepared, scan = prepare_data(settings)
     counts = class_counts_table(prepared.train_df, prepared.val_df, prepared.test_df)
     log.info("faces per class and split:\n%s", counts.to_string())
@@ -242,6 +244,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
 
     started = time.perf_counter()
     tracking.configure(settings)
+    if trained is None:
+        fetch_imagenet_weights()
     train_df, val_df, test_df = split_faces(settings)
     classifier_uri = classifier_uri or settings.serve.model_uri or settings.champion_uri
     trained_record, trained_config = _trained_elsewhere_record(trained)
@@ -345,6 +349,7 @@ def train_detector_only(settings: Settings, output_dir: Path) -> tuple[DetectorH
     exports, scores and logs the model where the rest is installed. Returns (history, train record, model file)."""
     from maskwatch.data import split_faces
 
+    fetch_imagenet_weights()
     train_df, val_df, _ = split_faces(settings)  # the test photos stay unseen, as in run_detector_job
     model_file = Path(output_dir) / "face_detector.keras"
     history, record = _fit_detector(settings, train_df, val_df, model_file)

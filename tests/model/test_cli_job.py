@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -193,6 +194,38 @@ def test_gate_compares_models_trained_at_different_input_sizes(trained):
                             capture_output=True, text=True, timeout=300, env=env, cwd=work)
         assert ev.returncode == 0, ev.stderr[-2000:]
         assert 0 <= json.loads(ev.stdout)["macro_f1"] <= 1
+
+
+@pytest.mark.parametrize("command", [["train"], ["train-detector"], ["train-detector", "--train-only", "out"]],
+                         ids=" ".join)
+def test_without_the_imagenet_weights_offline_a_job_stops_first_with_what_to_do(command, tmp_path, data_dir):
+    """An empty KERAS_HOME and no way out (a proxy that refuses): the job used to train until MobileNetV2 was built,
+    then died with Keras' traceback and a FAILED MLflow run; now it stops before any work, recording nothing."""
+    from conftest import TINY_TRAIN_JOB, cli_env
+
+    keras_home = tmp_path / "keras"
+    env = {**cli_env(tmp_path, data_dir), "KERAS_HOME": str(keras_home), "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    out = subprocess.run([MASKWATCH, *command, *TINY_TRAIN_JOB], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "cannot get MobileNetV2's ImageNet weights (mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_" \
+           f"no_top.h5) into {keras_home}/models" in out.stderr and "KERAS_HOME" in out.stderr.split("models:")[-1]
+    assert list((keras_home / "models").iterdir()) == []  # nothing half-downloaded
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "out").exists()  # no crops, no output folder
+    if (tmp_path / "mlflow.db").exists():
+        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
+            assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)
+
+
+def test_the_imagenet_weights_are_where_keras_keeps_them():
+    """Here KERAS_HOME holds them (tests/conftest.py), so nothing is downloaded; the file is the one Keras loads."""
+    from maskwatch.model import IMAGENET_NO_TOP_URL, fetch_imagenet_weights
+
+    weights = fetch_imagenet_weights()
+    assert weights.is_file() and weights.parent.name == "models" and IMAGENET_NO_TOP_URL.endswith(weights.name)
+    if "KERAS_HOME" in os.environ:
+        assert weights.parent.parent == Path(os.environ["KERAS_HOME"]).resolve()
 
 
 def test_processes_opening_one_new_sqlite_store_at_once_all_succeed(tmp_path, data_dir):
