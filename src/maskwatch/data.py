@@ -122,16 +122,28 @@ def download_from_kaggle(dataset: str, destination: Path) -> Path:
         from kaggle.api.kaggle_api_extended import KaggleApi
     except ImportError as err:
         raise DataError("the Kaggle client is not installed: pip install 'maskwatch[kaggle]'") from err
-    api = KaggleApi()
-    api.authenticate()
     log.info("downloading %s from Kaggle to %s", dataset, destination)
 
     def download(staging: Path) -> None:
+        api = KaggleApi()
+        api.authenticate()
         api.dataset_download_files(dataset, path=str(staging), unzip=True, quiet=False)
         if not (staging / "annotations").is_dir():
             raise DataError(f"the Kaggle download of {dataset} has no annotations/ folder")
 
-    return fill_whole(destination, download)
+    try:
+        return fill_whole(destination, download)
+    except DataError:
+        raise
+    except Exception as err:  # the client's own errors: no network, a refused token, a dataset gone
+        raise DataError(f"the Kaggle download of {dataset} failed ({type(err).__name__}: {_brief(err)}). Check the "
+                        f"network and the Kaggle token, or download it from https://www.kaggle.com/datasets/"
+                        f"{dataset}, unzip it and set MASKWATCH_DATA_DIR to that folder") from err
+
+
+def _brief(error: Exception, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def fill_whole(destination: Path, fill: Callable[[Path], None]) -> Path:
