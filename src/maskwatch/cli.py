@@ -377,6 +377,7 @@ def serve(model: ModelOpt = None,
     # Resolved once here, not by every worker: workers load a local bundle and never race on the registry.
     model_uri = model or settings.serve.model_uri or settings.champion_uri
     bundle = _resolve_bundle(settings, model_uri)
+    _check_servable(settings, bundle)
     with tempfile.TemporaryDirectory(prefix="maskwatch-serve-") as run_dir:
         if model_uri.startswith(("models:/", "runs:/")):
             # gunicorn loads the bundle again for every worker it restarts, so it must outlive the model cache's
@@ -392,6 +393,20 @@ def serve(model: ModelOpt = None,
         metrics_dir.mkdir()
         status = run_server(command, serve_environment(settings, str(bundle), str(metrics_dir)))
     raise typer.Exit(status)
+
+
+def _check_servable(settings: Settings, bundle: Path) -> None:
+    """The files every worker loads, checked once before gunicorn starts: workers that cannot load their model or
+    face detector leave a server that answers /health and 503 for ever (a missing export, YuNet or bundle)."""
+    from maskwatch.bundle import bundle_paths, read_metadata
+    from maskwatch.detect import DetectorModelError, create_face_detector, runtime_file
+
+    try:
+        read_metadata(bundle)
+        runtime_file(bundle_paths(bundle)[0], settings.serve.runtime)
+        create_face_detector(settings.detector, num_threads=1)
+    except (DetectorModelError, ValueError, *_known_errors()) as error:
+        _fail(str(error))
 
 
 def _resolve_bundle(settings: Settings, uri: str) -> Path:

@@ -421,17 +421,25 @@ class Predictor:
 RUNTIME_FILES = {"litert": "model_float.tflite", "litert_int8": "model_int8.tflite", "onnx": "model.onnx"}
 
 
-def _load_runtime(model_file: Path, runtime: str, size: int,
-                  num_threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def runtime_file(model_file: Path, runtime: str) -> Path:
+    """The file a runtime loads: model.keras itself, or its export beside it (a clear error when it is missing)."""
     if runtime == "keras":
-        return _keras_runtime(model_file, size)
+        return model_file
     if runtime not in RUNTIME_FILES:
         raise ValueError(f"unknown runtime {runtime!r}; choose keras, {', '.join(RUNTIME_FILES)}")
     exported = model_file.parent / RUNTIME_FILES[runtime]
     if not exported.is_file():
         raise FileNotFoundError(f"no {runtime} export at {exported}: run `maskwatch export --format {runtime}`")
+    return exported
+
+
+def _load_runtime(model_file: Path, runtime: str, size: int,
+                  num_threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    loaded = runtime_file(model_file, runtime)
+    if runtime == "keras":
+        return _keras_runtime(loaded, size)
     threads = num_threads or os.cpu_count() or 1
-    return _onnx_runtime(exported, threads) if runtime == "onnx" else litert_runtime(exported, threads)
+    return _onnx_runtime(loaded, threads) if runtime == "onnx" else litert_runtime(loaded, threads)
 
 
 def _keras_runtime(model_file: Path, size: int):

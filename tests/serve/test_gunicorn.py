@@ -5,8 +5,11 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -105,10 +108,6 @@ def test_two_servers_each_answer_on_their_own_control_socket(tiny_bundle, tmp_pa
     """gunicorn 25.1+ opens a control socket for gunicornc, by default one per user (~/.gunicorn/gunicorn.ctl): a
     second `maskwatch serve` took it over, and when that one stopped it deleted the path, leaving the first
     server unmanageable. Each server now has its own, in its private folder, and nothing is written to HOME."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from conftest import start_maskwatch_serve, stop_server
 
     gunicornc = str(Path(sys.executable).parent / "gunicornc")
@@ -139,3 +138,27 @@ def test_two_servers_each_answer_on_their_own_control_socket(tiny_bundle, tmp_pa
     finally:
         for proc, _, _ in servers.values():
             stop_server(proc)
+
+
+@pytest.mark.parametrize(("args", "env_change", "message"), [
+    (["--runtime", "onnx"], {}, "no onnx export at"),
+    ([], {"MASKWATCH_YUNET_PATH": "/nowhere/yunet.onnx"}, "YuNet model /nowhere/yunet.onnx does not exist"),
+    (["--set", "detector.backend=centernet"], {}, "detector.trained_model_path (None) is not a file")],
+    ids=["no export for the runtime", "no YuNet file", "no trained detector"])
+def test_serve_does_not_start_workers_that_cannot_load_their_model(tiny_bundle, tmp_path, args, env_change, message):
+    """Each of these used to start gunicorn, whose workers then logged a traceback per request and answered 503
+    (and /ready false) for as long as the server ran."""
+    from conftest import YUNET_PATH, free_port, stop_server
+
+    env = {k: v for k, v in os.environ.items() if k != "MASKWATCH_DETECTOR_PATH"}
+    env.update({"MASKWATCH_YUNET_PATH": str(YUNET_PATH), **env_change})
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "maskwatch"), "serve", "--model", str(tiny_bundle),
+                             "--port", str(free_port()), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        stop_server(proc)
+        pytest.fail("maskwatch serve started a server whose workers cannot load the model")
+    assert proc.returncode == 2 and message in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and "Booting worker" not in stderr
