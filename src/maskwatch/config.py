@@ -285,7 +285,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 class ConfigError(ValueError):
-    """Settings that cannot be used; the message names each offending setting and where it came from."""
+    """Settings that cannot be used; the message names each offending setting or override."""
 
 
 def parse_dotted_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -39,7 +39,8 @@ class ModelNotFoundError(FileNotFoundError):
 
     def __init__(self, uri: str, why: str):
         super().__init__(f"no model {uri}: {why}. Train one with `maskwatch train`, point --tracking-uri (or "
-                         "MASKWATCH_TRACKING_URI) at the store that holds it, or give --model a bundle folder or .keras file")
+                         "MASKWATCH_TRACKING_URI) at the store that holds it, or give --model a bundle folder or "
+                         ".keras file")
 
 
 @dataclass
@@ -862,8 +863,6 @@ def resolve_model_uri(uri: str, settings: Settings) -> Path:
     """models:/name@alias, models:/name/3, runs:/id/model -> local bundle folder; paths pass through."""
     if not uri.startswith(("models:/", "runs:/")):
         return Path(uri)
-    from mlflow.exceptions import MlflowException
-
     store = settings.tracking_uri.removeprefix("sqlite:///")
     if store != settings.tracking_uri and store not in ("", ":memory:") and not Path(store).exists():
         # Opening it would leave an empty store behind, in whatever folder a `predict` happened to run.
@@ -872,11 +871,13 @@ def resolve_model_uri(uri: str, settings: Settings) -> Path:
         configure(settings)
     except TrackingUnavailableError as down:  # a pinned version already fetched still loads
         return _offline_bundle(uri, settings.tracking_uri, down)
+    from mlflow.exceptions import MlflowException
+
     try:
         return download_model(uri)
     except MlflowException as error:
         # MLflow reports an unknown alias as an invalid parameter, and an unknown model, version or run as missing.
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "alias" in str(error) and "not found" in str(error):
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or ("alias" in str(error) and "not found" in str(error)):
             raise ModelNotFoundError(uri, f"{str(error).rstrip('.')} in {settings.tracking_uri}") from error
         raise
 
