@@ -116,10 +116,10 @@ def _create_sqlite_tables_once(uri: str) -> None:
     sweep, or a job and `maskwatch models list`. The first creates them here while holding a lock on the store's
     folder; the others wait, then find them. A lock on the folder itself leaves no lock file anywhere (MLflow's
     own helper for this leaves one in the temp folder per database)."""
-    path = uri.removeprefix("sqlite:///")
-    folder = Path(path).resolve().parent
-    if os.name == "nt" or path == uri or path in ("", ":memory:") or not folder.is_dir():
+    path = _sqlite_file(uri)
+    if os.name == "nt" or path is None or not path.resolve().parent.is_dir():
         return  # no flock on Windows; nothing shared in memory; a missing folder fails in MLflow as it would anyway
+    folder = path.resolve().parent
     import fcntl
 
     import sqlalchemy
@@ -136,6 +136,12 @@ def _create_sqlite_tables_once(uri: str) -> None:
             engine.dispose()
     finally:
         os.close(folder_fd)  # releases the lock
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The file behind a sqlite:/// tracking URI; None for any other store and for SQLite's in-memory one."""
+    path = uri.removeprefix("sqlite:///")
+    return None if path == uri or path in ("", ":memory:") else Path(path)
 
 
 def git_commit() -> str:
@@ -863,8 +869,8 @@ def resolve_model_uri(uri: str, settings: Settings) -> Path:
     """models:/name@alias, models:/name/3, runs:/id/model -> local bundle folder; paths pass through."""
     if not uri.startswith(("models:/", "runs:/")):
         return Path(uri)
-    store = settings.tracking_uri.removeprefix("sqlite:///")
-    if store != settings.tracking_uri and store not in ("", ":memory:") and not Path(store).exists():
+    store = _sqlite_file(settings.tracking_uri)
+    if store is not None and not store.exists():
         # Opening it would leave an empty store behind, in whatever folder a `predict` happened to run.
         raise ModelNotFoundError(uri, f"there is no tracking store at {store}")
     try:
