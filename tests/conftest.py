@@ -75,7 +75,6 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-
 def pytest_collection_modifyitems(items):
     """The notebook first: it is the longest test file, and scripts/test.sh's two workers take whole files in
     collection order, so collected last (as its name sorts) it would run alone while the other worker idles."""
@@ -204,6 +203,10 @@ def photo_bytes(data_dir):
 # The classifier's job small enough for a test: 24 photos, one epoch per phase.
 TINY_TRAIN_JOB = ["--set", "data.max_photos=24", "--set", "train.phase1_epochs=1", "--set", "train.phase2_epochs=1",
                   "--set", "evaluate.bootstrap_samples=200"]
+
+
+# For a CLI that must find no way out to the internet whether or not this machine has one: a proxy that refuses.
+NO_WAY_OUT = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
 
 
 def cli_env(work: Path, data_dir: Path) -> dict:

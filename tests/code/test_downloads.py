@@ -97,9 +97,10 @@ def test_a_data_set_download_stopped_halfway_leaves_nothing_to_mistake_for_the_w
 
 def test_a_kaggle_download_that_fails_is_a_clear_error_and_leaves_nothing(tmp_path):
     """With a token but no way through (a proxy that refuses), the Kaggle client's ConnectionError was a traceback."""
+    from conftest import NO_WAY_OUT
+
     env = {k: v for k, v in os.environ.items() if k not in ("MASKWATCH_DATA_DIR", "KAGGLE_CONFIG_DIR")}
-    env.update(HOME=str(tmp_path), KAGGLE_USERNAME="someone", KAGGLE_KEY="0" * 32, https_proxy="http://127.0.0.1:9",
-               HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    env.update(HOME=str(tmp_path), KAGGLE_USERNAME="someone", KAGGLE_KEY="0" * 32, **NO_WAY_OUT)
     out = subprocess.run([str(Path(sys.executable).parent / "maskwatch"), "data", "prepare", "--work-dir",
                           str(tmp_path / "work")], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]

@@ -201,11 +201,10 @@ def test_gate_compares_models_trained_at_different_input_sizes(trained):
 def test_without_the_imagenet_weights_offline_a_job_stops_first_with_what_to_do(command, tmp_path, data_dir):
     """An empty KERAS_HOME and no way out (a proxy that refuses): the job used to train until MobileNetV2 was built,
     then died with Keras' traceback and a FAILED MLflow run; now it stops before any work, recording nothing."""
-    from conftest import TINY_TRAIN_JOB, cli_env
+    from conftest import NO_WAY_OUT, TINY_TRAIN_JOB, cli_env
 
     keras_home = tmp_path / "keras"
-    env = {**cli_env(tmp_path, data_dir), "KERAS_HOME": str(keras_home), "https_proxy": "http://127.0.0.1:9",
-           "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    env = {**cli_env(tmp_path, data_dir), "KERAS_HOME": str(keras_home), **NO_WAY_OUT}
     out = subprocess.run([MASKWATCH, *command, *TINY_TRAIN_JOB], capture_output=True, text=True, timeout=300,
                          env=env, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]

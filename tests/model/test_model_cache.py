@@ -163,8 +163,8 @@ def test_a_version_named_some_other_way_is_a_clear_error(registered):
 
 def test_a_model_the_store_does_not_hold_is_named_with_what_to_do(registered, settings_factory, tmp_path):
     settings, _, _ = registered
-    for uri, missing in [("models:/maskwatch@staging", "alias staging not found"),
-                         ("models:/maskwatch/9", "version=9"), ("models:/other@champion", "Registered Model with name=other not found"),
+    for uri, missing in [("models:/maskwatch@staging", "alias staging not found"), ("models:/maskwatch/9", "version=9"),
+                         ("models:/other@champion", "Registered Model with name=other not found"),
                          (f"runs:/{'0' * 32}/model", f"Run with id={'0' * 32} not found")]:
         with pytest.raises(tracking.ModelNotFoundError, match=f"no model {uri}: .*{missing}.*maskwatch train"):
             tracking.resolve_model_uri(uri, settings)
