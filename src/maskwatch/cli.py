@@ -100,7 +100,8 @@ def main() -> None:
 @data_app.command("prepare")
 def data_prepare(config: ConfigOpt = None, preset: PresetOpt = "full", set_: SetOpt = None,
                  data_dir: DataDirOpt = None, work_dir: WorkDirOpt = None) -> None:
-    """Parse, validate, crop and split the data set; write the data report (counts, sizes, sample grid)."""
+    """Parse, validate, crop and split the data set (a scene's copies and burst shots stay in one split); write
+    the data report (counts, sizes, sample grid, similar photos)."""
     from maskwatch.data import class_counts_table, prepare_data
 
     settings = _settings(config, preset, set_, data_dir, work_dir=work_dir)
@@ -110,6 +111,9 @@ def data_prepare(config: ConfigOpt = None, preset: PresetOpt = "full", set_: Set
         _fail(str(error))
     typer.echo(class_counts_table(prepared.train_df, prepared.val_df, prepared.test_df).to_string())
     typer.echo(f"issues: {scan.issue_counts() or 'none'}")
+    if scenes := prepared.report["similar_photos"]:
+        typer.echo(f"similar photos: {sum(map(len, scenes))} photos in {len(scenes)} scenes (copies, burst shots), "
+                   "each scene kept in one split: similar_photos.png")
     typer.echo(f"data hash: {prepared.data_hash}")
     typer.echo(f"crops: {prepared.output_dir}")
     typer.echo(f"report: {settings.work_dir / 'reports' / 'data'}")

@@ -57,6 +57,13 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     split_seed: int = 42
     max_photos: int | None = Field(None, ge=3, description="Use a seeded subset of photos (quick runs and tests).")
+    similar_photo_max_hash_distance: int | None = Field(
+        16, ge=0, le=64, description="Photos whose 64-bit difference hashes differ in at most this many bits, and "
+                                     "whose thumbnails correlate (below), are one scene and go to one split; "
+                                     "None splits every photo on its own.")
+    similar_photo_min_correlation: float = Field(
+        0.8, ge=-1.0, le=1.0, description="The least correlation of two photos' 16x16 grey thumbnails that makes "
+                                          "them one scene (with the hash distance above).")
 
 
 class AugmentConfig(_Section):

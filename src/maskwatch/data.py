@@ -239,6 +239,7 @@ def scan_voc(root: Path, class_names: Iterable[str] = CLASS_NAMES) -> ScanResult
     if not xml_files:
         raise DataError(f"{annotations_dir} holds no .xml annotations")
     rows, issues = [], []
+    annotated_by: dict[Path, str] = {}  # image -> the annotation that claimed it first
     for xml_path in xml_files:
         try:
             filename, size, objects = parse_voc_annotation(xml_path)
@@ -252,6 +253,13 @@ def scan_voc(root: Path, class_names: Iterable[str] = CLASS_NAMES) -> ScanResult
         if image_path is None:
             issues.append(DataIssue("missing_image", xml_path.name, f"image {filename!r} not found in {images_dir}"))
             continue
+        if image_path in annotated_by:
+            # A second annotation of one image would count its faces twice, as two photos that could land in
+            # different splits: the same faces in training and in test.
+            issues.append(DataIssue("duplicate_annotation", xml_path.name,
+                                    f"{image_path.name} is already annotated by {annotated_by[image_path]}"))
+            continue
+        annotated_by[image_path] = xml_path.name
         for label, box in objects:
             valid = _validate_box(box, size, xml_path.name, issues)
             if valid is None:
@@ -325,19 +333,99 @@ def _natural_key(path: Path):
 # ----------------------------------------------------------------------------- splitting
 
 
-def photo_strata(faces: pd.DataFrame) -> pd.Series:
-    """One stratum per photo: the rarest class it holds."""
+# The data set holds the same scene more than once: byte-identical copies annotated twice, re-encoded copies
+# (one without a watermark) and burst shots of the same people a moment apart. Split apart, those faces would be
+# in training and in test. Two photos are one scene when their 64-bit difference hashes are close *and* their grey
+# thumbnails correlate: either alone also pairs unrelated photos (benchmarks/similar_photos.py shows every pair).
+HASH_SIDE, THUMBNAIL_SIDE = 8, 16
+
+
+def photo_signature(image_path: str | Path) -> tuple[int, np.ndarray] | None:
+    """(64-bit difference hash, unit-length 16x16 grey thumbnail with its mean removed), or None when the file
+    cannot be decoded (cropping reports it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(image_path) as image:
+            image.draft("L", (8 * THUMBNAIL_SIDE, 8 * THUMBNAIL_SIDE))  # a JPEG decodes at 1/2 to 1/8 size: fast
+            grey = image.convert("L")
+            small = np.asarray(grey.resize((HASH_SIDE + 1, HASH_SIDE), Image.BILINEAR), dtype=np.float32)
+            thumbnail = np.asarray(grey.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR), dtype=np.float32)
+    except Exception:  # PIL raises many types for bad files
+        return None
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    centred = thumbnail.ravel() - thumbnail.mean()
+    return int(np.packbits(bits).view(">u8")[0]), centred / max(float(np.linalg.norm(centred)), 1e-6)
+
+
+def similar_photo_groups(image_paths: list[str], max_hash_distance: int, min_correlation: float,
+                         block: int = 512) -> list[int]:
+    """For each photo, the index of the first photo of its scene (itself when it has no look-alike)."""
+    signatures = [photo_signature(path) for path in progress_bar(image_paths, desc="comparing photos", unit="photo")]
+    hashes = np.array([sig[0] if sig else 0 for sig in signatures], dtype=np.uint64)
+    thumbnails = np.array([sig[1] if sig else np.zeros(THUMBNAIL_SIDE ** 2, np.float32) for sig in signatures])
+    parent = list(range(len(image_paths)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for start in range(0, len(image_paths), block):  # blocks keep memory linear in the number of photos
+        distances = np.bitwise_count(hashes[start:start + block, None] ^ hashes[None, :])
+        correlations = thumbnails[start:start + block] @ thumbnails.T
+        for row, col in zip(*np.nonzero((distances <= max_hash_distance) & (correlations >= min_correlation))):
+            first, second = sorted((root(start + int(row)), root(int(col))))
+            parent[second] = first
+    return [root(i) for i in range(len(image_paths))]
+
+
+def with_scene_ids(faces: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
+    """The faces with a scene_id column: the photo_id of the first photo of each photo's scene."""
+    photos = faces.drop_duplicates("photo_id")[["photo_id", "image_path"]].reset_index(drop=True)
+    if data.similar_photo_max_hash_distance is None:
+        firsts = list(range(len(photos)))
+    else:
+        firsts = similar_photo_groups(photos["image_path"].tolist(), data.similar_photo_max_hash_distance,
+                                      data.similar_photo_min_correlation)
+    scene_of = dict(zip(photos["photo_id"], photos["photo_id"].iloc[firsts]))
+    return faces.assign(scene_id=faces["photo_id"].map(scene_of))
+
+
+def similar_photos(faces: pd.DataFrame) -> list[list[str]]:
+    """The scenes that hold more than one photo, as lists of photo ids."""
+    if "scene_id" not in faces:
+        return []
+    photos = faces.drop_duplicates("photo_id")
+    groups = photos.groupby("scene_id", sort=False)["photo_id"].agg(list)
+    scenes = [sorted(ids, key=lambda name: _natural_key(Path(name))) for ids in groups if len(ids) > 1]
+    return sorted(scenes, key=lambda ids: _natural_key(Path(ids[0])))
+
+
+def photos_trained_on(frame: pd.DataFrame, all_faces: pd.DataFrame, trained_on: set[str]) -> set[str]:
+    """The photos of `frame` (a split) that a model trained on, directly or through a copy or burst shot of the
+    same scene: a model scored on them looks better than it is."""
+    key = "scene_id" if "scene_id" in all_faces else "photo_id"
+    seen_scenes = set(all_faces.loc[all_faces["photo_id"].isin(trained_on), key])
+    return set(frame.loc[frame[key].isin(seen_scenes), "photo_id"])
+
+
+def photo_strata(faces: pd.DataFrame, key: str = "photo_id") -> pd.Series:
+    """One stratum per photo (or per scene, with key="scene_id"): the rarest class it holds."""
     rank = {name: i for i, name in enumerate(STRATUM_ORDER)}
-    return faces.groupby("photo_id")["label"].agg(lambda labels: min(labels, key=lambda label: rank.get(label, 99)))
+    return faces.groupby(key)["label"].agg(lambda labels: min(labels, key=lambda label: rank.get(label, 99)))
 
 
 def split_by_photo(
     faces: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Split whole photos, stratified by each photo's rarest class; seeded and reproducible."""
+    """Split whole photos, stratified by each photo's rarest class; seeded and reproducible. With a scene_id
+    column, the photos of one scene (copies, burst shots) go to one split together."""
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
-    strata = photo_strata(faces)
+    key = "scene_id" if "scene_id" in faces else "photo_id"
+    strata = photo_strata(faces, key)
     for _, photos in strata.groupby(strata):
         ids = sorted(photos.index)
         rng.shuffle(ids)
@@ -346,9 +434,9 @@ def split_by_photo(
         n_val = int(round(n * val_fraction))
         if n >= 3:  # every split gets at least one photo of each stratum that can spare it
             n_test, n_val = max(n_test, 1), max(n_val, 1)
-        for i, photo_id in enumerate(ids):
-            assignment[photo_id] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    split = faces["photo_id"].map(assignment)
+        for i, group_id in enumerate(ids):
+            assignment[group_id] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    split = faces[key].map(assignment)
     frames = []
     for name in SPLITS:
         frame = faces[split == name].copy()
@@ -488,6 +576,7 @@ def write_data_report(prepared: PreparedData, scan: ScanResult, report_dir: Path
         },
         "issue_counts": scan.issue_counts(),
         "issues": [asdict(issue) for issue in scan.issues],
+        "similar_photos": (scenes := similar_photos(faces)),  # each kept in one split
         "data_hash": prepared.data_hash,
         "crop_spec": prepared.crop_spec.to_dict(),
     }
@@ -509,7 +598,35 @@ def write_data_report(prepared: PreparedData, scan: ScanResult, report_dir: Path
     plt.close(fig)
 
     _sample_grid(faces, report_dir / "sample_crops.png", per_class=8, seed=0)
+    _similar_photos_sheet(faces, scenes, report_dir / "similar_photos.png")
     return report
+
+
+def _similar_photos_sheet(faces: pd.DataFrame, scenes: list[list[str]], path: Path, per_row: int = 5) -> None:
+    """A row per scene of several photos, so a person can check at a glance that each really is one scene."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    path.unlink(missing_ok=True)  # an older report's sheet would show scenes this data set does not have
+    if not scenes:
+        return
+    image_of = faces.drop_duplicates("photo_id").set_index("photo_id")["image_path"]
+    split_of = faces.drop_duplicates("photo_id").set_index("photo_id")["split"] if "split" in faces else None
+    fig, axes = plt.subplots(len(scenes), per_row, figsize=(per_row * 1.6, len(scenes) * 1.25), squeeze=False)
+    for row, photo_ids in enumerate(scenes):
+        for col in range(per_row):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(photo_ids):
+                with Image.open(image_of[photo_ids[col]]) as img:
+                    img.thumbnail((240, 240))
+                    ax.imshow(np.asarray(img.convert("RGB")))
+                split = f" ({split_of[photo_ids[col]]})" if split_of is not None else ""
+                ax.set_title(f"{photo_ids[col]}{split}", fontsize=6)
+    fig.suptitle(f"{len(scenes)} scenes of several photos, each kept in one split", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def _sample_grid(faces: pd.DataFrame, path: Path, per_class: int, seed: int) -> None:
@@ -546,6 +663,8 @@ def _usable_faces(settings: Settings, source_dir: Path | None) -> tuple[Path, Sc
         raise DataError(f"no usable faces in {source}: {scan.issue_counts()}")
     if data.max_photos:
         faces = subsample_photos(faces, data.max_photos, data.split_seed)
+    if scan.layout == "voc":  # in the folder layout every file is a face, not a photo of a scene
+        faces = with_scene_ids(faces, data)
     return source, scan, faces
 
 

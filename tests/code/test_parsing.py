@@ -129,3 +129,14 @@ def test_photo_that_does_not_match_its_annotated_size_is_reported_and_left_out(t
     assert reasons["sideways.jpg"].startswith("annotated as 512x366 but the photo decodes as 366x512: the file "
                                               "is stored sideways with EXIF orientation 6")
     assert len(issues) == 2
+
+
+def test_a_second_annotation_of_one_photo_is_reported_and_left_out(tmp_path, data_dir):
+    """Two XML files naming one image used to be two photos: its faces counted twice, and free to land in
+    training and in test."""
+    root = make_voc(tmp_path / "voc", data_dir, {"a": (voc("a", [("with_mask", (10, 10, 50, 50))]), True)})
+    (root / "annotations" / "b.xml").write_text(voc("a", [("without_mask", (12, 10, 52, 50))]))  # names a.jpg
+    scan = scan_dataset(root)
+    assert scan.faces["photo_id"].tolist() == ["a"] and scan.faces["label"].tolist() == ["with_mask"]
+    assert [(issue.kind, issue.file, issue.detail) for issue in scan.issues] == [
+        ("duplicate_annotation", "b.xml", "a.jpg is already annotated by a.xml")]

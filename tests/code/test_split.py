@@ -57,3 +57,41 @@ def test_label_indices_follow_class_order():
 
     frame = pd.DataFrame({"label": ["without_mask", "mask_weared_incorrect", "with_mask"]})
     assert label_indices(frame).tolist() == [1, 2, 0]
+
+
+def test_the_photos_of_one_scene_go_to_one_split():
+    """Copies and burst shots of one scene (scene_id) must not straddle splits, or test faces are seen in
+    training; without scene ids the same photos do land in different splits."""
+    faces = synthetic_faces(300)
+    faces["scene_id"] = faces["photo_id"].map(lambda photo_id: f"s{int(photo_id[1:]) // 3}")  # 3 photos a scene
+    frames = split_by_photo(faces, 0.15, 0.15, seed=1)
+    scenes = [set(frame.scene_id) for frame in frames]
+    assert not (scenes[0] & scenes[1]) and not (scenes[0] & scenes[2]) and not (scenes[1] & scenes[2])
+    assert sum(len(frame) for frame in frames) == len(faces) and all(len(frame) for frame in frames)
+    by_photo = split_by_photo(faces.drop(columns="scene_id"), 0.15, 0.15, seed=1)
+    split_of = {photo_id: i for i, frame in enumerate(by_photo) for photo_id in frame.photo_id}
+    assert faces.groupby("scene_id")["photo_id"].agg(lambda ids: len({split_of[i] for i in ids})).max() > 1
+
+
+def smooth_picture(seed: int, size=(240, 320)) -> np.ndarray:
+    """A photo-like picture: smooth random shapes, not noise (a hash of noise says nothing about photos)."""
+    from PIL import Image
+
+    coarse = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize(size[::-1], Image.BICUBIC))
+
+
+def test_copies_and_near_copies_of_a_photo_are_one_scene(tmp_path):
+    from PIL import Image
+
+    from maskwatch.data import similar_photo_groups
+
+    scene, other = smooth_picture(0), smooth_picture(1)
+    paths = [tmp_path / name for name in ("a.png", "a_copy.jpg", "a_moved.png", "b.png", "broken.jpg")]
+    Image.fromarray(scene).save(paths[0])
+    Image.fromarray(scene).save(paths[1], quality=60)  # re-encoded
+    Image.fromarray(np.roll(scene, (3, 4), axis=(0, 1))).save(paths[2])  # the camera moved a little
+    Image.fromarray(other).save(paths[3])
+    paths[4].write_bytes(b"\xff\xd8 not a photo")
+    assert similar_photo_groups([str(path) for path in paths], 12, 0.8) == [0, 0, 0, 3, 4]
+    assert similar_photo_groups([str(path) for path in paths], 0, 1.01) == [0, 1, 2, 3, 4]  # thresholds hold

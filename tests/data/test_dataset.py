@@ -34,14 +34,41 @@ def test_every_image_decodes_with_the_annotated_size(full_scan):
         assert image.shape == (row.photo_height, row.photo_width, 3), row.image_path
 
 
-def test_real_split_by_photo(full_scan):
-    train, val, test = split_by_photo(full_scan.faces, 0.15, 0.15, seed=42)
-    assert not set(train.photo_id) & set(test.photo_id)
-    assert not set(train.photo_id) & set(val.photo_id)
-    assert not set(val.photo_id) & set(test.photo_id)
-    assert [frame.photo_id.nunique() for frame in (train, val, test)] == [597, 128, 128]
+@pytest.fixture(scope="module")
+def scene_faces(full_scan):
+    from maskwatch.config import DataConfig
+    from maskwatch.data import with_scene_ids
+
+    return with_scene_ids(full_scan.faces, DataConfig())
+
+
+def test_real_split_by_photo(scene_faces):
+    train, val, test = split_by_photo(scene_faces, 0.15, 0.15, seed=42)
+    for first, second in [(train, test), (train, val), (val, test)]:
+        assert not set(first.photo_id) & set(second.photo_id)
+        assert not set(first.scene_id) & set(second.scene_id)  # nor copies and burst shots of one scene
+    assert [frame.photo_id.nunique() for frame in (train, val, test)] == [597, 126, 130]
     for frame in (val, test):
         assert (frame.label == "mask_weared_incorrect").sum() >= 15
+
+
+def test_every_copy_of_a_photo_is_found(full_scan, scene_faces):
+    """The data set holds five byte-identical pairs of photos, each annotated twice (boxes a pixel apart): the
+    scene check must put each pair in one scene. The check also finds re-encoded copies and burst shots
+    (similar_photos.png in the data report shows them all)."""
+    import hashlib
+
+    from maskwatch.data import similar_photos
+
+    photos = full_scan.faces.drop_duplicates("photo_id")
+    by_bytes = photos.groupby(photos["image_path"].map(lambda path: hashlib.md5(open(path, "rb").read()).digest()))
+    copies = [sorted(group.photo_id) for _, group in by_bytes if len(group) > 1]
+    assert len(copies) == 5
+    scene_of = scene_faces.drop_duplicates("photo_id").set_index("photo_id")["scene_id"]
+    assert all(scene_of[first] == scene_of[second] for first, second in copies)
+    scenes = similar_photos(scene_faces)
+    assert max(map(len, scenes)) <= 8  # look-alikes do not chain into one big clump
+    assert 5 <= len(scenes) <= 60
 
 
 def test_original_png_sample_reads_like_the_jpeg_copy(png_sample_dir, data_dir, full_scan):
@@ -90,3 +117,23 @@ def test_detector_photos_split_exactly_like_the_classifier_crops(small_prepared,
     prepared = (small_prepared.train_df, small_prepared.val_df, small_prepared.test_df)
     for faces, crops in zip(frames, prepared):
         assert set(faces.photo_id) == set(crops.photo_id) and len(faces) == len(crops)
+
+
+def test_prepare_keeps_a_photo_and_its_copy_in_one_split_and_shows_them(data_dir, tmp_path):
+    import shutil
+
+    from maskwatch.config import load_settings
+    from maskwatch.data import prepare_data
+
+    source = tmp_path / "voc"
+    for folder, suffix in (("images", "jpg"), ("annotations", "xml")):
+        (source / folder).mkdir(parents=True)
+        for number in (146, 219, 0, 1, 2, 3, 5, 6, 7, 8):  # 146 and 219 are one photo, annotated twice
+            shutil.copy(data_dir / folder / f"maksssksksss{number}.{suffix}", source / folder)
+    settings = load_settings(None, "full", {"paths": {"work_dir": str(tmp_path / "work")},
+                                            "data": {"source_dir": str(source)}}, environ={})
+    prepared, _ = prepare_data(settings)
+    assert prepared.report["similar_photos"] == [["maksssksksss146", "maksssksksss219"]]
+    faces = prepared.all_faces
+    assert faces[faces.photo_id.isin(["maksssksksss146", "maksssksksss219"])]["split"].nunique() == 1
+    assert (tmp_path / "work" / "reports" / "data" / "similar_photos.png").stat().st_size > 0
