@@ -1,3 +1,3 @@
 """maskwatch: face-mask detection you can train, track, serve and run in real time."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

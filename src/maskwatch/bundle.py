@@ -20,6 +20,9 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 CONFIG_FILE = "config.yaml"  # the settings the model was trained with
 RUN_BUNDLE_FOLDER = "model"  # where a training run's folder keeps its bundle
+# The photos a model learnt from or was tuned on (train and val): a model must not be scored on them, nor on
+# copies of them, when it is compared with another trained on another split.
+TRAINED_ON_FILE = "trained_on_photos.json"
 
 
 @dataclass
@@ -95,6 +98,19 @@ def save_bundle(model, bundle_dir: Path, metadata: ModelMetadata) -> Path:
 
 def write_metadata(bundle_dir: Path, metadata: ModelMetadata) -> None:
     (Path(bundle_dir) / METADATA_FILE).write_text(metadata.to_json())
+
+
+def write_trained_on(bundle_dir: Path, photo_ids) -> Path:
+    path = Path(bundle_dir) / TRAINED_ON_FILE
+    path.write_text(json.dumps({"photo_ids": sorted(set(photo_ids))}))
+    return path
+
+
+def read_trained_on(bundle_dir: str | Path) -> set[str] | None:
+    """The photo ids a bundle's model trained on, or None for a model that does not record them (made by a
+    maskwatch before 0.2)."""
+    path = bundle_paths(bundle_dir)[0].with_name(TRAINED_ON_FILE)
+    return set(json.loads(path.read_text())["photo_ids"]) if path.is_file() else None
 
 
 def read_metadata(path: str | Path) -> ModelMetadata:

@@ -212,6 +212,7 @@ def evaluate(model: ModelOpt = None,
     bundle, prepared = _model_and_data(settings, uri)
     model_file, _ = bundle_paths(bundle)
     faces = prepared.split(split.value)
+    _warn_if_trained_on(bundle, prepared, faces, split.value)
     if detection:
         _evaluate_detection(settings, bundle, uri, prepared, faces, split.value, as_json)
         return
@@ -224,6 +225,22 @@ def evaluate(model: ModelOpt = None,
                                      **result.to_dict()}, indent=2) + "\n")
     else:
         typer.echo(format_summary(result, split=split.value))
+
+
+def _warn_if_trained_on(bundle: Path, prepared, faces, split: str) -> None:
+    """A model trained on another split of the data (another seed, fractions or data set version) may have
+    learnt some of this split's photos: its figures here would look better than they are."""
+    from maskwatch.bundle import read_trained_on
+    from maskwatch.data import photos_trained_on
+
+    trained_on = read_trained_on(bundle)
+    if trained_on is None:
+        return
+    if seen := photos_trained_on(faces, prepared.all_faces, trained_on):
+        typer.secho(f"warning: {len(seen)} of the {faces['photo_id'].nunique()} {split} photos are photos this "
+                    "model trained on, or copies and burst shots of them: its figures here are optimistic. It was "
+                    "trained on another split of the data (the seed, the fractions or the data set differ)",
+                    fg="yellow", err=True)
 
 
 def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, faces, split: str,

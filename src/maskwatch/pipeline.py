@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 
 from maskwatch import tracking
-from maskwatch.bundle import (CONFIG_FILE, MODEL_FILE, RUN_BUNDLE_FOLDER, ModelMetadata, read_metadata, save_bundle,
-                              write_metadata)
+from maskwatch.bundle import (CONFIG_FILE, MODEL_FILE, RUN_BUNDLE_FOLDER, TRAINED_ON_FILE, ModelMetadata,
+                              read_metadata, read_trained_on, save_bundle, write_metadata, write_trained_on)
 from maskwatch.config import CLASS_NAMES, DetectorConfig, DetectorTrainConfig, Settings
 from maskwatch.data import (DataError, PreparedData, class_counts_table, crops_with_spec, label_indices,
-                            prepare_data)
+                            photos_trained_on, prepare_data)
 from maskwatch.export import export_model
 from maskwatch.model import fetch_imagenet_weights
 from maskwatch.evaluate import (EvaluationResult, detection_metric_values, evaluate_model, format_confusion,
@@ -48,20 +48,42 @@ class JobResult:
     wall_seconds: float
 
 
-def champion_metrics_on(prepared: PreparedData, settings: Settings) -> Callable[[str], dict[str, float]]:
-    """Evaluate a registered version on *this* test split, so the comparison is like for like."""
+def champion_metrics_on(prepared: PreparedData, settings: Settings, challenger,
+                        challenger_bias: list[float] | None) -> Callable[[str], tracking.HeadToHead]:
+    """Score a registered version on *this* test split, so the comparison is like for like: on the test photos it
+    never trained on, the challenger too when that leaves out any (it was trained on another split)."""
     import keras
 
-    def metrics_for(version: str) -> dict[str, float]:
-        bundle = tracking.download_model(f"models:/{settings.tracking.registered_model_name}/{version}")
-        model = keras.models.load_model(bundle / "model.keras")
-        metadata = read_metadata(bundle)
+    def test_metrics(model, metadata: ModelMetadata | None, bias, test_df: pd.DataFrame) -> dict[str, float]:
         # The same test faces, cropped the way *that* model was trained (its size or margin may differ).
-        test_df = prepared.test_df if metadata.crop_spec == prepared.crop_spec else crops_with_spec(
-            prepared.test_df, metadata.crop_spec, settings.work_dir)
+        if metadata is not None and metadata.crop_spec != prepared.crop_spec:
+            test_df = crops_with_spec(test_df, metadata.crop_spec, settings.work_dir)
         result, _ = evaluate_model(model, test_df, bootstrap_samples=settings.evaluate.bootstrap_samples,
-                                   class_log_bias=metadata.thresholds.get("class_log_bias"))
+                                   class_log_bias=bias)
         return {"macro_f1": result.macro_f1, "accuracy": result.accuracy, **result.flat_metrics(prefix="")}
+
+    def metrics_for(version: str) -> tracking.HeadToHead:
+        bundle = tracking.download_model(f"models:/{settings.tracking.registered_model_name}/{version}")
+        trained_on = read_trained_on(bundle)
+        if trained_on is None:
+            raise tracking.NotComparableError(
+                "it does not record the photos it trained on (made by maskwatch before 0.2), so on this test split "
+                "it could be scored on photos it learnt from")
+        test = prepared.test_df
+        unseen = test[~test["photo_id"].isin(photos_trained_on(test, prepared.all_faces, trained_on))]
+        if unseen.empty:
+            raise tracking.NotComparableError(f"it trained on all {test['photo_id'].nunique()} test photos of "
+                                              "this split (or on copies of them): no fair comparison is possible")
+        metadata = read_metadata(bundle)
+        champion = test_metrics(keras.models.load_model(bundle / MODEL_FILE), metadata,
+                                metadata.thresholds.get("class_log_bias"), unseen)
+        if len(unseen) == len(test):
+            return tracking.HeadToHead(champion)
+        log.info("v%s trained on %d of this split's test photos: both are compared on the others", version,
+                 test["photo_id"].nunique() - unseen["photo_id"].nunique())
+        return tracking.HeadToHead(champion, test_metrics(challenger, None, challenger_bias, unseen),
+                                   f"on the {unseen['photo_id'].nunique()} of {test['photo_id'].nunique()} test "
+                                   "photos it never trained on")
 
     return metrics_for
 
@@ -83,7 +105,9 @@ def run_job(settings: Settings, run_name: str | None = None) -> JobResult:
             prepared.train_df, prepared.val_df, use_two_phase=settings.train.two_phase, settings=settings,
             model_path=run_dir / "checkpoint" / "best.keras", extra_callbacks=tracking.epoch_logger_factory())
         bundle_dir, evaluation = _finish_locally(model, history, prepared, settings, run_dir, run_id)
-        decision = _send_results(settings, run_dir, model, champion_metrics_on(prepared, settings))
+        challenger_bias = read_metadata(bundle_dir).thresholds.get("class_log_bias")
+        decision = _send_results(settings, run_dir, model, champion_metrics_on(prepared, settings, model,
+                                                                               challenger_bias))
         wall = time.perf_counter() - started
         tracking.log_metrics({"wall_seconds": wall})
     return JobResult(run_id, bundle_dir, evaluation, history, decision, prepared, wall)
@@ -105,13 +129,14 @@ def _finish_locally(model, history: TrainingHistory, prepared: PreparedData, set
         training_config=json.loads(settings.model_dump_json()), data_hash=prepared.data_hash,
         metrics=evaluation.flat_metrics(), run_id=run_id)
     bundle_dir = save_bundle(model, run_dir / RUN_BUNDLE_FOLDER, metadata)
+    write_trained_on(bundle_dir, pd.concat([prepared.train_df, prepared.val_df])["photo_id"])
     export_model(bundle_dir, list(settings.train.export_formats), prepared.train_df, prepared.val_df)
     (bundle_dir / CONFIG_FILE).write_text(settings.to_yaml())
     return bundle_dir, evaluation
 
 
 def _send_results(settings: Settings, run_dir: Path, model,
-                  champion_metrics_for: Callable[[str], dict[str, float]]) -> tracking.PromotionDecision:
+                  champion_metrics_for: Callable[[str], tracking.HeadToHead]) -> tracking.PromotionDecision:
     """Log a run folder's files and model to the active run, register the model, compare it with the champion and
     promote it if it wins; the version is written into the bundle's metadata."""
     bundle_dir = run_dir / RUN_BUNDLE_FOLDER
@@ -127,7 +152,8 @@ def _send_results(settings: Settings, run_dir: Path, model,
     registered_name = settings.tracking.registered_model_name if settings.tracking.register_model else None
     version = tracking.log_keras_model(model, np.zeros((1, side, side, 3), dtype=np.float32),
                                        json.loads(metadata.to_json()), registered_name,
-                                       extra_files=[bundle_dir / name for name in metadata.exports.values()])
+                                       extra_files=[bundle_dir / name for name in metadata.exports.values()]
+                                       + [path for path in [bundle_dir / TRAINED_ON_FILE] if path.is_file()])
     challenger = {name.removeprefix("test_"): value for name, value in metadata.metrics.items()}
     decision = tracking.decide_promotion(settings, version, challenger, champion_metrics_for)
     tracking.log_dict(decision.to_dict(), "promotion.json")
@@ -159,13 +185,14 @@ def record_run_folder(settings: Settings, run_dir: Path) -> tuple[str, tracking.
 
     model = keras.models.load_model(bundle_dir / MODEL_FILE)
 
-    def champion_metrics_for(version: str) -> dict[str, float]:
+    def champion_metrics_for(version: str) -> tracking.HeadToHead:
         prepared, _ = prepare_data(settings)
         if prepared.data_hash != metadata.data_hash:
             raise DataError(f"the data set now ({prepared.data_hash}) is not the one run {metadata.run_id} was "
                             f"tested on ({metadata.data_hash}): its comparison with the champion would not be like "
                             "for like")
-        return champion_metrics_on(prepared, settings)(version)
+        bias = metadata.thresholds.get("class_log_bias")
+        return champion_metrics_on(prepared, settings, model, bias)(version)
 
     with tracking.resumed_training_run(settings, metadata.run_id, run_dir):
         decision = _send_results(settings, run_dir, model, champion_metrics_for)

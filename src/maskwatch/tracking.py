@@ -43,6 +43,20 @@ class ModelNotFoundError(FileNotFoundError):
                          ".keras file")
 
 
+class NotComparableError(Exception):
+    """The champion cannot be scored fairly on this test split (it trained on its photos, or does not say which
+    photos it trained on): the gate keeps it and says why."""
+
+
+@dataclass
+class HeadToHead:
+    """The champion's test metrics, and the challenger's when they were measured on fewer faces than its own test
+    split (the test photos the champion never trained on); `basis` says which faces those were."""
+    champion: dict[str, float]
+    challenger: dict[str, float] | None = None
+    basis: str = ""
+
+
 @dataclass
 class PromotionDecision:
     version: str | None
@@ -889,8 +903,8 @@ def resolve_model_uri(uri: str, settings: Settings) -> Path:
 
 
 def decide_promotion(settings: Settings, version: str | None, challenger_metrics: dict[str, float],
-                     champion_metrics_for: Callable[[str], dict[str, float]]) -> PromotionDecision:
-    """Compare the new version with the alias holder on the same test split; move the alias if it wins."""
+                     champion_metrics_for: Callable[[str], HeadToHead]) -> PromotionDecision:
+    """Compare the new version with the alias holder on the same test faces; move the alias if it wins."""
     tracking = settings.tracking
     metric = tracking.promotion_metric
     challenger_value = float(challenger_metrics[metric])
@@ -922,7 +936,7 @@ def _champion_number(settings: Settings) -> str | None:
 
 
 def _judge(decision: PromotionDecision, champion: str | None, version: str,
-           champion_metrics_for: Callable[[str], dict[str, float]], min_improvement: float) -> None:
+           champion_metrics_for: Callable[[str], HeadToHead], min_improvement: float) -> None:
     """Fill in whether `decision`'s challenger beats `champion` (a version number, or None when there is none)."""
     decision.champion_version = decision.champion_value = None
     if champion is None:
@@ -930,13 +944,22 @@ def _judge(decision: PromotionDecision, champion: str | None, version: str,
     elif champion == version:
         decision.promoted, decision.reason = True, "already champion"
     else:
-        metric, challenger_value = decision.metric, decision.challenger_value
+        metric = decision.metric
         decision.champion_version = champion
-        decision.champion_value = float(champion_metrics_for(champion)[metric])
+        try:
+            scores = champion_metrics_for(champion)
+        except NotComparableError as why:
+            decision.promoted = False
+            decision.reason = (f"not compared with champion v{champion}: {why}. To serve v{version} anyway: "
+                               f"`maskwatch models promote {version}`")
+            return
+        challenger_value = decision.challenger_value if scores.challenger is None else scores.challenger[metric]
+        decision.champion_value = float(scores.champion[metric])
         margin = challenger_value - decision.champion_value
         decision.promoted = margin > min_improvement
-        decision.reason = (f"{metric} {challenger_value:.4f} vs champion v{champion} "
-                           f"{decision.champion_value:.4f} (margin {margin:+.4f}, needed > {min_improvement})")
+        basis = f" {scores.basis}" if scores.basis else ""
+        decision.reason = (f"{metric} {challenger_value:.4f} vs champion v{champion} {decision.champion_value:.4f}"
+                           f"{basis} (margin {margin:+.4f}, needed > {min_improvement})")
 
 
 def promote(settings: Settings, version: str) -> None:

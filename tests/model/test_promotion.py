@@ -35,7 +35,7 @@ def champion_of(client) -> str:
 
 
 def macro_f1_of(scores: dict[str, float]):
-    return lambda version: {"macro_f1": scores[version]}
+    return lambda version: tracking.HeadToHead({"macro_f1": scores[version]})
 
 
 def test_a_better_model_is_promoted_and_a_worse_one_is_not(registry):
@@ -54,11 +54,11 @@ def test_a_champion_promoted_during_the_comparison_is_compared_with_too(registry
     settings, client = registry
     scored: list[str] = []
 
-    def champion_metrics(version: str) -> dict[str, float]:
+    def champion_metrics(version: str) -> tracking.HeadToHead:
         scored.append(version)
         if version == "1":  # the other job finishes now
             tracking.promote(settings, "2")
-        return {"macro_f1": {"1": 0.80, "2": 0.95}[version]}
+        return tracking.HeadToHead({"macro_f1": {"1": 0.80, "2": 0.95}[version]})
 
     with caplog.at_level(logging.INFO, logger="maskwatch.tracking"):
         decision = tracking.decide_promotion(settings, "3", {"macro_f1": 0.90}, champion_metrics)
@@ -74,3 +74,23 @@ def test_the_first_model_becomes_champion_and_the_next_is_compared_with_it(setti
     assert first.promoted and first.reason == "no champion yet"
     second = tracking.decide_promotion(settings, "2", {"macro_f1": 0.80}, macro_f1_of({"1": 0.85}))
     assert not second.promoted and champion_of(client) == "1"
+
+
+def test_a_champion_that_trained_on_test_photos_is_compared_on_the_others_or_kept(registry):
+    """A champion trained on another split of the data may have learnt some of this split's test photos: scored
+    on them it looks better than it is. The gate compares both models on the test photos neither trained on, and
+    keeps the champion, with the reason, when that cannot be done."""
+    settings, client = registry
+    on_fewer = tracking.HeadToHead({"macro_f1": 0.80}, {"macro_f1": 0.85}, "on 120 of 131 test photos")
+    won = tracking.decide_promotion(settings, "2", {"macro_f1": 0.70}, lambda version: on_fewer)
+    assert won.promoted and champion_of(client) == "2"  # 0.85 vs 0.80 on the same faces, not 0.70 vs 0.80
+    assert won.reason.startswith("macro_f1 0.8500 vs champion v1 0.8000 on 120 of 131 test photos")
+
+    def not_comparable(version):
+        raise tracking.NotComparableError("it does not record the photos it trained on")
+
+    kept = tracking.decide_promotion(settings, "3", {"macro_f1": 0.99}, not_comparable)
+    assert not kept.promoted and champion_of(client) == "2"
+    assert kept.reason == ("not compared with champion v2: it does not record the photos it trained on. To serve "
+                           "v3 anyway: `maskwatch models promote 3`")
+    assert client.get_model_version(NAME, "3").tags["promotion"] == kept.reason
