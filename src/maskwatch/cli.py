@@ -418,15 +418,16 @@ def serve(model: ModelOpt = None,
 
 def _check_servable(settings: Settings, bundle: Path) -> None:
     """The files every worker loads, checked once before gunicorn starts: workers that cannot load their model or
-    face detector leave a server that answers /health and 503 for ever (a missing export, YuNet or bundle)."""
+    face detector leave a server that answers /health and 503 for ever (a missing or damaged export, model.keras,
+    YuNet or bundle)."""
     from maskwatch.bundle import bundle_paths, read_metadata
-    from maskwatch.detect import DetectorModelError, create_face_detector, runtime_file
+    from maskwatch.detect import ClassifierModelError, DetectorModelError, check_classifier_file, create_face_detector
 
     try:
-        read_metadata(bundle)
-        runtime_file(bundle_paths(bundle)[0], settings.serve.runtime)
+        metadata = read_metadata(bundle)
+        check_classifier_file(bundle_paths(bundle)[0], settings.serve.runtime, metadata.input_size)
         create_face_detector(settings.detector, num_threads=1)
-    except (DetectorModelError, ValueError, *_known_errors()) as error:
+    except (ClassifierModelError, DetectorModelError, ValueError, *_known_errors()) as error:
         _fail(str(error))
 
 

@@ -34,6 +34,10 @@ class DetectorModelError(RuntimeError):
     """The face detector's model file is missing, corrupt or cannot be fetched."""
 
 
+class ClassifierModelError(RuntimeError):
+    """The classifier's model file (model.keras or its export) is damaged."""
+
+
 # ----------------------------------------------------------------------------- model files
 
 
@@ -431,6 +435,25 @@ def runtime_file(model_file: Path, runtime: str) -> Path:
     if not exported.is_file():
         raise FileNotFoundError(f"no {runtime} export at {exported}: run `maskwatch export --format {runtime}`")
     return exported
+
+
+def check_classifier_file(model_file: Path, runtime: str, size: int) -> None:
+    """Load what a server's workers will load, as far as that goes without TensorFlow: the export itself, run
+    once (LiteRT, ONNX), or the .keras archive's checksums, which a truncated or damaged copy fails."""
+    import zipfile
+
+    loaded = runtime_file(model_file, runtime)
+    try:
+        if runtime == "keras":
+            with zipfile.ZipFile(loaded) as archive:
+                if (damaged := archive.testzip()) is not None or "config.json" not in archive.namelist():
+                    raise ValueError(f"{damaged or 'config.json'} is damaged or missing in the archive")
+        else:
+            infer = _onnx_runtime(loaded, 1) if runtime == "onnx" else litert_runtime(loaded, 1)
+            infer(np.zeros((1, size, size, 3), np.float32))
+    except Exception as error:  # each runtime raises its own types for a damaged file
+        raise ClassifierModelError(f"cannot load the classifier {loaded}: {' '.join(str(error).split())[:300]}. "
+                                   "Copy or export it again") from error
 
 
 def _load_runtime(model_file: Path, runtime: str, size: int,

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -140,19 +141,28 @@ def test_two_servers_each_answer_on_their_own_control_socket(tiny_bundle, tmp_pa
             stop_server(proc)
 
 
-@pytest.mark.parametrize(("args", "env_change", "message"), [
-    (["--runtime", "onnx"], {}, "no onnx export at"),
-    ([], {"MASKWATCH_YUNET_PATH": "/nowhere/yunet.onnx"}, "YuNet model /nowhere/yunet.onnx does not exist"),
-    (["--set", "detector.backend=centernet"], {}, "detector.trained_model_path (None) is not a file")],
-    ids=["no export for the runtime", "no YuNet file", "no trained detector"])
-def test_serve_does_not_start_workers_that_cannot_load_their_model(tiny_bundle, tmp_path, args, env_change, message):
+@pytest.mark.parametrize(("args", "env_change", "damaged", "message"), [
+    (["--runtime", "onnx"], {}, None, "no onnx export at"),
+    ([], {"MASKWATCH_YUNET_PATH": "/nowhere/yunet.onnx"}, None, "YuNet model /nowhere/yunet.onnx does not exist"),
+    (["--set", "detector.backend=centernet"], {}, None, "detector.trained_model_path (None) is not a file"),
+    ([], {}, "model_float.tflite", "cannot load the classifier"),
+    (["--runtime", "keras"], {}, "model.keras", "cannot load the classifier")],
+    ids=["no export for the runtime", "no YuNet file", "no trained detector", "a truncated LiteRT export",
+         "a truncated model.keras"])
+def test_serve_does_not_start_workers_that_cannot_load_their_model(tiny_bundle, tmp_path, args, env_change, damaged,
+                                                                   message):
     """Each of these used to start gunicorn, whose workers then logged a traceback per request and answered 503
-    (and /ready false) for as long as the server ran."""
+    (and /ready false) for as long as the server ran. A damaged file is what an interrupted copy leaves."""
     from conftest import YUNET_PATH, free_port, stop_server
 
     env = {k: v for k, v in os.environ.items() if k != "MASKWATCH_DETECTOR_PATH"}
     env.update({"MASKWATCH_YUNET_PATH": str(YUNET_PATH), **env_change})
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "maskwatch"), "serve", "--model", str(tiny_bundle),
+    bundle = tiny_bundle
+    if damaged:
+        bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+        whole = (bundle / damaged).read_bytes()
+        (bundle / damaged).write_bytes(whole[: len(whole) // 2])
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "maskwatch"), "serve", "--model", str(bundle),
                              "--port", str(free_port()), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=tmp_path, start_new_session=True)
     try:
