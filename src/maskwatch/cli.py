@@ -527,8 +527,11 @@ def models_list(config: ConfigOpt = None, tracking_uri: TrackingOpt = None,
     from maskwatch import tracking
 
     settings = _settings(config, "full", None, tracking_uri=tracking_uri)
+    if (store := tracking.missing_store(settings)) and not as_json:
+        typer.echo(f"no tracking store at {store} yet: run `maskwatch train`, or point --tracking-uri at one")
+        return
     try:
-        rows = tracking.list_versions(settings)
+        rows = [] if store else tracking.list_versions(settings)
     except _known_errors() as error:
         _fail(str(error))
     def line(row: dict) -> str:
@@ -559,6 +562,9 @@ def models_promote(version: Annotated[str, typer.Argument(help="Registered versi
     from maskwatch import tracking
 
     settings = _settings(config, "full", None, tracking_uri=tracking_uri)
+    if store := tracking.missing_store(settings):
+        _fail(f"there is no tracking store at {store}, so no version {version} to promote: point --tracking-uri "
+              "at the store that holds it")
     try:
         tracking.configure(settings)
     except _known_errors() as error:

@@ -172,6 +172,11 @@ def record_run_folder(settings: Settings, run_dir: Path) -> tuple[str, tracking.
     run_dir = Path(run_dir).resolve()
     bundle_dir = run_dir / RUN_BUNDLE_FOLDER
     needed = [run_dir / name for name in (*HISTORY_FILES, *EVALUATION_FILES)] + [bundle_dir / CONFIG_FILE]
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder at {run_dir}: give a training run's folder, artifacts/runs/<run id>")
+    if (run_dir / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is a model bundle, not a training run's folder: give the run folder "
+                                f"that holds it in {RUN_BUNDLE_FOLDER}/ (artifacts/runs/<run id>)")
     if not (bundle_dir / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} holds no model bundle ({RUN_BUNDLE_FOLDER}/{MODEL_FILE}): the job ended "
                                 "before it was saved, so there is nothing to register; train again")

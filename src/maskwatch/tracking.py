@@ -152,6 +152,13 @@ def _create_sqlite_tables_once(uri: str) -> None:
         os.close(folder_fd)  # releases the lock
 
 
+def missing_store(settings: Settings) -> Path | None:
+    """The file of a local SQLite tracking store that does not exist yet, else None. Opening it would create an
+    empty store, in whatever folder a command that only reads happened to run."""
+    store = _sqlite_file(settings.tracking_uri)
+    return store if store is not None and not store.exists() else None
+
+
 def _sqlite_file(uri: str) -> Path | None:
     """The file behind a sqlite:/// tracking URI; None for any other store and for SQLite's in-memory one."""
     path = uri.removeprefix("sqlite:///")
@@ -883,9 +890,7 @@ def resolve_model_uri(uri: str, settings: Settings) -> Path:
     """models:/name@alias, models:/name/3, runs:/id/model -> local bundle folder; paths pass through."""
     if not uri.startswith(("models:/", "runs:/")):
         return Path(uri)
-    store = _sqlite_file(settings.tracking_uri)
-    if store is not None and not store.exists():
-        # Opening it would leave an empty store behind, in whatever folder a `predict` happened to run.
+    if store := missing_store(settings):
         raise ModelNotFoundError(uri, f"there is no tracking store at {store}")
     try:
         configure(settings)

@@ -65,6 +65,23 @@ def test_predict_names_a_missing_photo_or_model_and_leaves_no_store_behind(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
 
 
+def test_the_registry_commands_leave_no_store_where_there_is_none(tmp_path):
+    """`models list` in the wrong folder used to create an empty mlflow.db there and say "no versions yet";
+    `models promote 3` created one and said "'maskwatch' has no version 3"."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MASKWATCH_TRACKING_URI")}
+    store = tmp_path / "mlflow.db"
+    listed = subprocess.run([MASKWATCH, "models", "list"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env=env)
+    assert listed.returncode == 0 and listed.stdout.startswith(f"no tracking store at {store} yet")
+    as_json = subprocess.run([MASKWATCH, "models", "list", "--json"], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path, env=env)
+    assert as_json.returncode == 0 and as_json.stdout.strip() == "[]"
+    promoted = subprocess.run([MASKWATCH, "models", "promote", "3"], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env=env)
+    assert promoted.returncode == 2 and f"there is no tracking store at {store}" in promoted.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_data_folder_is_a_clear_error(tmp_path):
     out = subprocess.run([MASKWATCH, "data", "prepare", "--data-dir", str(tmp_path / "nowhere"), "--work-dir",
                           str(tmp_path / "w")], capture_output=True, text=True, timeout=60)

@@ -153,6 +153,11 @@ def test_models_register_refuses_what_it_cannot_record(trained, tmp_path):
     empty = subprocess.run([MASKWATCH, "models", "register", str(tmp_path)], capture_output=True, text=True, env=env,
                            cwd=work)
     assert empty.returncode == 2 and "holds no model bundle (model/model.keras)" in empty.stderr
+    for wrong, said in ((run_dir / "model", "is a model bundle, not a training run's folder"),
+                        (tmp_path / "nowhere", "no run folder at")):
+        out = subprocess.run([MASKWATCH, "models", "register", str(wrong)], capture_output=True, text=True, env=env,
+                             cwd=work)
+        assert out.returncode == 2 and said in out.stderr and "Traceback" not in out.stderr
 
 
 def test_serve_loads_the_champion_from_the_registry_once(trained):
