@@ -212,8 +212,9 @@ def evaluate(model: ModelOpt = None,
     bundle, prepared = _model_and_data(settings, uri)
     model_file, _ = bundle_paths(bundle)
     faces = prepared.split(split.value)
-    _warn_if_trained_on(bundle, prepared, faces, split.value)
+    _warn_if_trained_on(bundle, prepared.all_faces, faces, split.value)
     if detection:
+        _warn_if_detector_trained_on(settings, prepared.all_faces, faces, split.value)
         _evaluate_detection(settings, bundle, uri, prepared, faces, split.value, as_json)
         return
     result, _ = evaluate_model(keras.models.load_model(model_file), faces,
@@ -227,7 +228,7 @@ def evaluate(model: ModelOpt = None,
         typer.echo(format_summary(result, split=split.value))
 
 
-def _warn_if_trained_on(bundle: Path, prepared, faces, split: str) -> None:
+def _warn_if_trained_on(bundle: Path, all_faces, faces, split: str) -> None:
     """A model trained on another split of the data (another seed, fractions or data set version) may have
     learnt some of this split's photos: its figures here would look better than they are."""
     from maskwatch.bundle import read_trained_on
@@ -236,11 +237,22 @@ def _warn_if_trained_on(bundle: Path, prepared, faces, split: str) -> None:
     trained_on = read_trained_on(bundle)
     if trained_on is None:
         return
-    if seen := photos_trained_on(faces, prepared.all_faces, trained_on):
+    if seen := photos_trained_on(faces, all_faces, trained_on):
         typer.secho(f"warning: {len(seen)} of the {faces['photo_id'].nunique()} {split} photos are photos this "
                     "model trained on, or copies and burst shots of them: its figures here are optimistic. It was "
                     "trained on another split of the data (the seed, the fractions or the data set differ)",
                     fg="yellow", err=True)
+
+
+def _warn_if_detector_trained_on(settings: Settings, all_faces, faces, split: str) -> None:
+    """The same for a trained face detector, whose train_config.json lists the photos it trained on."""
+    if settings.detector.backend != "centernet" or settings.detector.trained_model_path is None:
+        return
+    from maskwatch.pipeline import detector_trained_on
+
+    if seen := detector_trained_on(settings.detector.trained_model_path, faces, all_faces):
+        typer.secho(f"warning: the face detector trained on {len(seen)} of the {faces['photo_id'].nunique()} "
+                    f"{split} photos, or on copies of them: its figures here are optimistic", fg="yellow", err=True)
 
 
 def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, faces, split: str,

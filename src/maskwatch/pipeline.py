@@ -312,6 +312,11 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
             if train_record.get("best_epoch"):
                 tracking.log_metrics({"detector_best_epoch": train_record["best_epoch"],
                                       **kept_epoch_metrics(history, train_record["best_epoch"])})
+        if seen := detector_trained_on(model_file, test_df, pd.concat([train_df, val_df, test_df])):
+            log.warning("the detector trained on %d of the %d test photos (or on copies of them): it was trained on "
+                        "another split of the data, and its test figures here are optimistic", len(seen),
+                        test_df["photo_id"].nunique())
+            tracking.set_tags({"test_photos_the_detector_trained_on": len(seen)})
         onnx_file = export_onnx(model_file, model_dir / "face_detector.onnx")
         tracking.log_artifact(model_file, "face_detector")
         tracking.log_artifact(onnx_file, "face_detector")
@@ -336,6 +341,19 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
         wall = time.perf_counter() - started
         tracking.log_metrics({"wall_seconds": wall})
     return DetectorJobResult(run_id, model_dir, history, alone, with_classifier, classifier_uri, wall, input_side)
+
+
+def detector_trained_on(model_file: Path, split: pd.DataFrame, all_faces: pd.DataFrame) -> set[str]:
+    """The photos of `split` that the detector beside its train_config.json trained on, through any copy of them;
+    empty when it does not record its photos (trained before maskwatch 0.2)."""
+    record = Path(model_file).parent / TRAIN_RECORD
+    if not record.is_file():
+        return set()
+    try:
+        trained_on = json.loads(record.read_text()).get("trained_on_photos")
+    except ValueError:
+        return set()
+    return photos_trained_on(split, all_faces, set(trained_on)) if trained_on else set()
 
 
 def _trained_elsewhere_record(trained: Path | None) -> tuple[dict | None, DetectorTrainConfig | None]:

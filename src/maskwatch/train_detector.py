@@ -503,7 +503,9 @@ def write_train_record(model_path: Path, config: DetectorTrainConfig, history: D
               "keras_version": keras.__version__, "photos_train": len(train), "photos_val": len(val),
               "faces_train": train.face_count, "epochs_run": len(history.epochs),
               "stopped_by_budget": history.stopped_by_budget,
-              "best_epoch": best_epoch(history, config.checkpoint_metric), "val_scoring": asdict(val_scoring)}
+              "best_epoch": best_epoch(history, config.checkpoint_metric), "val_scoring": asdict(val_scoring),
+              # what it must not be scored on: evaluation warns when a split's test photos are among them
+              "trained_on_photos": sorted(set(train.photo_ids) | set(val.photo_ids))}
     (Path(model_path).parent / TRAIN_RECORD).write_text(json.dumps(record, indent=2))
     return record
 

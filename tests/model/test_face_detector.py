@@ -1,5 +1,6 @@
 """The trained face detector: network shape, loss, overfitting one batch, ONNX export, and the CLI job."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -230,8 +231,6 @@ def test_train_detector_trains_exports_scores_and_logs(detector_job):
     # val mAP is measured every val_map_every (5) epochs and at the last, and picks the epoch kept.
     assert len(history) == 2 and history["val_map50"].isna().tolist() == [True, False]
     assert "detector epoch 2: val mAP@0.5" in out.stdout
-    import json
-
     record = json.loads((run_dir / "train_config.json").read_text())
     assert record["best_epoch"] == 2 and record["epochs_run"] == 2 and record["photos_train"] >= 1
     assert record["detector_train"]["input_side"] == 192 and record["backend"] == "tensorflow"
@@ -322,15 +321,20 @@ def test_api_serves_the_trained_detector_and_fuses_its_classes(detector_job, tin
 
 
 def test_a_detector_trained_elsewhere_is_exported_scored_and_logged_with_its_history(detector_job):
-    """--trained: the .keras from another machine (here: the first job's), with the history.csv beside it."""
+    """--trained: the .keras from another machine (here: the first job's), with the history.csv beside it. This
+    run's split is another (a larger test fraction), so some of its test photos are ones the detector trained on:
+    train_config.json lists those photos, and the run says so."""
     work, env, args, _ = detector_job
     first = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.keras"))
+    trained_on = json.loads((first.parent / "train_config.json").read_text())["trained_on_photos"]
+    assert len(trained_on) == len(set(trained_on)) > 0
     # This command's detector_train settings differ from the training's: the run must log the training's.
     out = subprocess.run([MASKWATCH, "train-detector", "--trained", str(first), *args,
-                          "--set", "detector_train.epochs=7"], capture_output=True, text=True, timeout=600, env=env,
-                         cwd=work)
+                          "--set", "detector_train.epochs=7", "--set", "data.test_fraction=0.3"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=work)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "detector epoch" not in out.stdout + out.stderr  # nothing was trained
+    assert "the detector trained on" in out.stderr and "another split of the data" in out.stderr
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
@@ -344,6 +348,7 @@ def test_a_detector_trained_elsewhere_is_exported_scored_and_logged_with_its_his
     assert [m.step for m in client.get_metric_history(run.info.run_id, "detector_val_map50")] == [2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "detector_loss")] == [1, 2]
     assert "det_alone_map50" in run.data.metrics
+    assert int(run.data.tags["test_photos_the_detector_trained_on"]) > 0
     assert {a.path for a in client.list_artifacts(run.info.run_id, "training")} == {
         "training/history.csv", "training/training_curves.png"}
 
@@ -378,3 +383,23 @@ def test_train_only_refuses_trained_and_a_folder_with_a_model(detector_job, tmp_
                          capture_output=True, text=True, timeout=300, env=env, cwd=work)
     assert out.returncode == 2 and "already holds a trained detector" in out.stderr
     assert (tmp_path / "out" / "face_detector.keras").read_bytes() == b"weeks of work"
+
+
+def test_evaluate_warns_about_a_detector_scored_on_photos_it_trained_on(tmp_path, capsys):
+    """train_config.json lists the photos a detector trained on; scored on a split that holds some of them, or
+    copies of them (one scene), its figures look better than they are."""
+    from maskwatch.cli import _warn_if_detector_trained_on
+    from maskwatch.config import load_settings
+    from maskwatch.pipeline import detector_trained_on
+
+    faces = pd.DataFrame({"photo_id": ["a", "b", "b_copy", "c"], "scene_id": ["a", "b", "b", "c"]})
+    test = faces[faces.photo_id.isin(["b_copy", "c"])]
+    model_file = tmp_path / "face_detector.onnx"
+    model_file.write_bytes(b"")
+    assert detector_trained_on(model_file, test, faces) == set()  # no train_config.json: nothing is known
+    (tmp_path / "train_config.json").write_text(json.dumps({"trained_on_photos": ["a", "b"]}))
+    assert detector_trained_on(model_file, test, faces) == {"b_copy"}  # b's copy, never c
+    settings = load_settings(overrides={"detector": {"backend": "centernet", "trained_model_path": str(model_file)}},
+                             environ={})
+    _warn_if_detector_trained_on(settings, faces, test, "test")
+    assert "the face detector trained on 1 of the 2 test photos" in capsys.readouterr().err
