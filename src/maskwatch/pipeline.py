@@ -351,7 +351,7 @@ def detector_trained_on(model_file: Path, split: pd.DataFrame, all_faces: pd.Dat
         return set()
     try:
         trained_on = json.loads(record.read_text()).get("trained_on_photos")
-    except ValueError:
+    except (ValueError, AttributeError):  # not JSON, or not the object maskwatch writes
         return set()
     return photos_trained_on(split, all_faces, set(trained_on)) if trained_on else set()
 

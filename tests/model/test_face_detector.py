@@ -397,6 +397,8 @@ def test_evaluate_warns_about_a_detector_scored_on_photos_it_trained_on(tmp_path
     model_file = tmp_path / "face_detector.onnx"
     model_file.write_bytes(b"")
     assert detector_trained_on(model_file, test, faces) == set()  # no train_config.json: nothing is known
+    (tmp_path / "train_config.json").write_text("[]")  # not what maskwatch writes: nothing is known either
+    assert detector_trained_on(model_file, test, faces) == set()
     (tmp_path / "train_config.json").write_text(json.dumps({"trained_on_photos": ["a", "b"]}))
     assert detector_trained_on(model_file, test, faces) == {"b_copy"}  # b's copy, never c
     settings = load_settings(overrides={"detector": {"backend": "centernet", "trained_model_path": str(model_file)}},
