@@ -403,10 +403,15 @@ def similar_photos(faces: pd.DataFrame) -> list[list[str]]:
     return sorted(scenes, key=lambda ids: _natural_key(Path(ids[0])))
 
 
+def _split_unit(faces: pd.DataFrame) -> str:
+    """The column whose values go to one split whole: the scene where scenes are known, else the photo."""
+    return "scene_id" if "scene_id" in faces else "photo_id"
+
+
 def photos_trained_on(frame: pd.DataFrame, all_faces: pd.DataFrame, trained_on: set[str]) -> set[str]:
     """The photos of `frame` (a split) that a model trained on, directly or through a copy or burst shot of the
     same scene: a model scored on them looks better than it is."""
-    key = "scene_id" if "scene_id" in all_faces else "photo_id"
+    key = _split_unit(all_faces)
     seen_scenes = set(all_faces.loc[all_faces["photo_id"].isin(trained_on), key])
     return set(frame.loc[frame[key].isin(seen_scenes), "photo_id"])
 
@@ -424,7 +429,7 @@ def split_by_photo(
     column, the photos of one scene (copies, burst shots) go to one split together."""
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
-    key = "scene_id" if "scene_id" in faces else "photo_id"
+    key = _split_unit(faces)
     strata = photo_strata(faces, key)
     for _, photos in strata.groupby(strata):
         ids = sorted(photos.index)

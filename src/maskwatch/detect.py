@@ -449,8 +449,7 @@ def check_classifier_file(model_file: Path, runtime: str, size: int) -> None:
                 if (damaged := archive.testzip()) is not None or "config.json" not in archive.namelist():
                     raise ValueError(f"{damaged or 'config.json'} is damaged or missing in the archive")
         else:
-            infer = _onnx_runtime(loaded, 1) if runtime == "onnx" else litert_runtime(loaded, 1)
-            infer(np.zeros((1, size, size, 3), np.float32))
+            _load_runtime(model_file, runtime, size, num_threads=1)(np.zeros((1, size, size, 3), np.float32))
     except Exception as error:  # each runtime raises its own types for a damaged file
         raise ClassifierModelError(f"cannot load the classifier {loaded}: {' '.join(str(error).split())[:300]}. "
                                    "Copy or export it again") from error
