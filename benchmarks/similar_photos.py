@@ -6,7 +6,7 @@ and sheets of the pairs on either side of the thresholds, to look at.
 
 The data set holds byte-identical copies (each annotated twice), re-encoded copies and burst shots of the same
 people a moment apart. A hash distance alone, or a correlation alone, also pairs unrelated photos: the sheets
-show which.
+show which. Mirrored and rotated copies are looked for too (the check itself compares photos as they are).
 """
 
 from __future__ import annotations
@@ -118,8 +118,43 @@ def main(argv=None):
     pair_sheet(borderline, paths, distances, correlations,
                f"just outside: {max_distance + 1}-{max_distance + 4} bits, r >= {min_correlation}",
                results / "similar_photos_borderline.png")
+    transformed_rows = transformed_copies(paths, hashes, thumbnails, max_distance, min_correlation, results)
     write_json(args.out, {"photos": len(paths), "signature_seconds": seconds, "pairs": table,
-                          "thresholds": threshold_rows})
+                          "thresholds": threshold_rows, "transformed_copies": transformed_rows})
+
+
+def transformed_copies(paths: list[str], hashes: np.ndarray, thumbnails: np.ndarray, max_distance: int,
+                       min_correlation: float, results: Path) -> list[dict]:
+    """The scene check compares photos as they are, so a mirrored or rotated copy would pass unseen. Each photo is
+    signed mirrored and rotated and compared with every other photo as it is; pairs that pass the thresholds and
+    are not one scene already go on a sheet, to judge by eye whether any is a real copy."""
+    from PIL import Image
+
+    from maskwatch.data import photo_signature, similar_photo_groups
+
+    firsts = similar_photo_groups(paths, max_distance, min_correlation)
+    rows = []
+    for name, transpose in [("mirrored", Image.Transpose.FLIP_LEFT_RIGHT), ("rotated 90", Image.Transpose.ROTATE_90),
+                            ("rotated 180", Image.Transpose.ROTATE_180), ("rotated 270", Image.Transpose.ROTATE_270)]:
+        signatures = [photo_signature(path, transpose) for path in paths]
+        turned_hashes = np.array([sig[0] for sig in signatures], dtype=np.uint64)
+        turned_thumbnails = np.array([sig[1] for sig in signatures])
+        distances = np.bitwise_count(turned_hashes[:, None] ^ hashes[None, :]).astype(int)
+        correlations = turned_thumbnails @ thumbnails.T
+        passing = (distances <= max_distance) & (correlations >= min_correlation)
+        np.fill_diagonal(passing, False)  # a symmetric photo matches its own mirror image
+        pairs = sorted({tuple(sorted((int(i), int(j)))) for i, j in zip(*np.nonzero(passing))})
+        new_pairs = [(i, j) for i, j in pairs if firsts[i] != firsts[j]]
+        rows.append({"copy": name, "pairs passing": len(pairs), "already one scene": len(pairs) - len(new_pairs),
+                     "to look at": len(new_pairs)})
+        shown_distances = np.where(passing, distances, distances.T)  # the direction that passed, for the titles
+        shown_correlations = np.where(passing, correlations, correlations.T)
+        pair_sheet(new_pairs, paths, shown_distances, shown_correlations,
+                   f"{name} copy passes the thresholds, not one scene yet: a copy?",
+                   results / f"similar_photos_{name.replace(' ', '_')}.png")
+    print(f"\none photo {', '.join(row['copy'] for row in rows)}, compared with every other as it is:")
+    print_table(rows, list(rows[0]))
+    return rows
 
 
 if __name__ == "__main__":

@@ -340,15 +340,16 @@ def _natural_key(path: Path):
 HASH_SIDE, THUMBNAIL_SIDE = 8, 16
 
 
-def photo_signature(image_path: str | Path) -> tuple[int, np.ndarray] | None:
+def photo_signature(image_path: str | Path, transpose=None) -> tuple[int, np.ndarray] | None:
     """(64-bit difference hash, unit-length 16x16 grey thumbnail with its mean removed), or None when the file
-    cannot be decoded (cropping reports it)."""
+    cannot be decoded (cropping reports it). `transpose` (a PIL `Image.Transpose`) signs the photo mirrored or
+    rotated instead, to look for such copies."""
     from PIL import Image
 
     try:
         with Image.open(image_path) as image:
             image.draft("L", (8 * THUMBNAIL_SIDE, 8 * THUMBNAIL_SIDE))  # a JPEG decodes at 1/2 to 1/8 size: fast
-            grey = image.convert("L")
+            grey = image.convert("L") if transpose is None else image.convert("L").transpose(transpose)
             small = np.asarray(grey.resize((HASH_SIDE + 1, HASH_SIDE), Image.BILINEAR), dtype=np.float32)
             thumbnail = np.asarray(grey.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR), dtype=np.float32)
     except Exception:  # PIL raises many types for bad files

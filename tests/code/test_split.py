@@ -95,3 +95,23 @@ def test_copies_and_near_copies_of_a_photo_are_one_scene(tmp_path):
     paths[4].write_bytes(b"\xff\xd8 not a photo")
     assert similar_photo_groups([str(path) for path in paths], 12, 0.8) == [0, 0, 0, 3, 4]
     assert similar_photo_groups([str(path) for path in paths], 0, 1.01) == [0, 1, 2, 3, 4]  # thresholds hold
+
+
+def test_a_mirrored_copy_is_found_only_by_signing_it_mirrored(tmp_path):
+    """The scene check compares photos as they are; `benchmarks/similar_photos.py` looks for mirrored and rotated
+    copies by signing each photo turned. The turned signature must be the turned file's own."""
+    from PIL import Image
+
+    from maskwatch.data import photo_signature, similar_photo_groups
+
+    picture = smooth_picture(2)
+    paths = [tmp_path / "a.png", tmp_path / "a_mirrored.png", tmp_path / "a_rotated.png"]
+    Image.fromarray(picture).save(paths[0])
+    Image.fromarray(picture[:, ::-1]).save(paths[1])
+    Image.fromarray(np.rot90(picture)).save(paths[2])  # numpy turns counter-clockwise, as PIL's ROTATE_90
+    assert similar_photo_groups([str(path) for path in paths], 16, 0.8) == [0, 1, 2]
+    for path, transpose in [(paths[1], Image.Transpose.FLIP_LEFT_RIGHT), (paths[2], Image.Transpose.ROTATE_90)]:
+        turned_hash, turned_thumbnail = photo_signature(paths[0], transpose)
+        file_hash, file_thumbnail = photo_signature(path)
+        assert turned_hash == file_hash
+        np.testing.assert_allclose(turned_thumbnail, file_thumbnail, atol=1e-5)
