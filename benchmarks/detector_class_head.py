@@ -37,8 +37,9 @@ def centre_patches(features: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     for x0, y0, x1, y1 in boxes / STRIDE:  # the same centre cell as train_detector.encode_targets
         col = min(max(int((x0 + x1) / 2), 0), width - 1)
         row = min(max(int((y0 + y1) / 2), 0), height - 1)
+        side = 2 * PATCH_RADIUS + 1
         # a copy, not a view: a view would keep the whole feature map alive
-        patches.append(padded[row + 1:row + 2 * PATCH_RADIUS + 2, col + 1:col + 2 * PATCH_RADIUS + 2].astype(np.float16))
+        patches.append(padded[row + 1:row + 1 + side, col + 1:col + 1 + side].astype(np.float16))
     return np.stack(patches) if patches else np.zeros((0, 5, 5, features.shape[-1]), np.float16)
 
 
@@ -132,7 +133,8 @@ def with_class_head(detector, head):
 def class_ap_row(name: str, split: str, probabilities: np.ndarray, labels: np.ndarray, class_names) -> dict:
     from sklearn.metrics import average_precision_score
 
-    aps = {f"ap_{c}": float(average_precision_score(labels == k, probabilities[:, k])) for k, c in enumerate(class_names)}
+    aps = {f"ap_{c}": float(average_precision_score(labels == k, probabilities[:, k]))
+           for k, c in enumerate(class_names)}
     return {"split": split, "class head": name, "mean_ap": float(np.mean(list(aps.values()))), **aps,
             "accuracy": float((probabilities.argmax(1) == labels).mean())}
 
@@ -175,7 +177,8 @@ def main(argv=None):
 
     centre_rows = []
     for split in args.splits:
-        patches, labels = face_features(feature_model, photos_from_faces(frames[split]), config, 0, 0, f"{split} features")
+        patches, labels = face_features(feature_model, photos_from_faces(frames[split]), config, 0, 0,
+                                        f"{split} features")
         centre_rows.append(class_ap_row("trained", split, current_class_probabilities(detector, patches), labels,
                                         class_names))
         refit = head.predict(patches[:, 1:4, 1:4].astype(np.float32), verbose=0)

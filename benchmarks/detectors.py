@@ -75,7 +75,8 @@ def main(argv=None):
                          **detection_row(metrics)})
             print(f"{split} {label} fusion {fusion}: mAP {metrics['map50']:.3f}", flush=True)
     print_table(rows, list(rows[0]))
-    write_json(args.out or results / "detectors.json", {"detector": str(args.detector), "model": args.model, "runtime": args.runtime, "rows": rows})
+    write_json(args.out or results / "detectors.json",
+               {"detector": str(args.detector), "model": args.model, "runtime": args.runtime, "rows": rows})
 
 
 def time_detectors(settings, detector_path: Path, faces, repeats: int = 3) -> list[dict]:

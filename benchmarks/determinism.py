@@ -34,7 +34,8 @@ def run_job(folder: Path, deterministic: bool, args) -> dict:
     env = {**os.environ, "MASKWATCH_DATA_DIR": str(DATA_DIR), "MASKWATCH_WORK_DIR": str(folder / "artifacts"),
            "MASKWATCH_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
     command = [MASKWATCH, "train", "--set", f"data.max_photos={args.photos}",
-               "--set", f"train.phase1_epochs={args.phase1_epochs}", "--set", f"train.phase2_epochs={args.phase2_epochs}",
+               "--set", f"train.phase1_epochs={args.phase1_epochs}",
+               "--set", f"train.phase2_epochs={args.phase2_epochs}",
                "--set", "train.early_stopping_patience=null", "--set", "train.export_formats=[]",
                "--set", f"train.deterministic={str(deterministic).lower()}"]
     started = time.perf_counter()

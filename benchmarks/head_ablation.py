@@ -85,7 +85,8 @@ def low_resolution_copies(frame, copies: int, spec, seed: int, sides=(12, 40)) -
             side = int(rng.integers(sides[0], sides[1] + 1))
             if crop_side > 1.2 * side:
                 small = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
-                images.append(cv2.resize(small, (spec.size, spec.size), interpolation=INTERPOLATIONS[spec.interpolation]))
+                images.append(cv2.resize(small, (spec.size, spec.size),
+                                         interpolation=INTERPOLATIONS[spec.interpolation]))
                 rows.append(row)
     return np.stack(images), np.array(rows)
 

@@ -30,7 +30,8 @@ class ModelMetadata:
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     input_size: int = 160
     crop: dict = field(default_factory=lambda: CropSpec().to_dict())
-    preprocessing: str = "RGB uint8 face crop (maskwatch.preprocessing.extract_face); scaling to [-1,1] inside the model"
+    preprocessing: str = ("RGB uint8 face crop (maskwatch.preprocessing.extract_face); "
+                          "scaling to [-1,1] inside the model")
     thresholds: dict = field(default_factory=lambda: {"detector_score": 0.5})
     training_config: dict = field(default_factory=dict)
     data_hash: str = ""

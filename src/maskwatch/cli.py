@@ -584,7 +584,8 @@ def models_promote(version: Annotated[str, typer.Argument(help="Registered versi
     if not tracking.version_exists(settings, version):
         _fail(f"'{settings.tracking.registered_model_name}' has no version {version}")
     tracking.promote(settings, version)
-    typer.echo(f"{settings.tracking.registered_model_name} version {version} is now @{settings.tracking.champion_alias}")
+    name, alias = settings.tracking.registered_model_name, settings.tracking.champion_alias
+    typer.echo(f"{name} version {version} is now @{alias}")
 
 
 @models_app.command("register")

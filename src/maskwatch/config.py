@@ -133,7 +133,8 @@ class TrackingConfig(_Section):
 
 class DetectorConfig(_Section):
     backend: str = Field("yunet", description="Name of a registered face detector.")
-    model_path: Path | None = Field(None, description="YuNet .onnx; None = download once to the cache (pinned, sha256).")
+    model_path: Path | None = Field(None,
+                                    description="YuNet .onnx; None = download once to the cache (pinned, sha256).")
     engine: Literal["onnxruntime", "opencv"] = Field(
         "onnxruntime", description="Runs YuNet: onnxruntime (faster, measured) or cv2.FaceDetectorYN (reference).")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)

@@ -135,8 +135,9 @@ def bootstrap_recall_interval(y_true, y_pred, photo_ids, class_index: int, sampl
     }
 
 
-def tune_class_bias(probabilities: np.ndarray, y_true: np.ndarray, grid=np.linspace(-1.0, 3.0, 17)) -> list[float]:
+def tune_class_bias(probabilities: np.ndarray, y_true: np.ndarray, grid: np.ndarray | None = None) -> list[float]:
     """Per-class log-bias (first class fixed at 0) maximising macro-F1 on held-out data; ties keep smaller shifts."""
+    grid = np.linspace(-1.0, 3.0, 17) if grid is None else grid
     log_p = np.log(np.clip(probabilities, 1e-9, 1.0))
     labels = list(range(probabilities.shape[1]))
     best, best_f1 = np.zeros(probabilities.shape[1]), f1_score(y_true, log_p.argmax(1), labels=labels,

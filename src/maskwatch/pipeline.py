@@ -283,7 +283,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
     trained_record, trained_config = _trained_elsewhere_record(trained)
     if trained_config:  # the run's detector_train params are the ones the model was trained with
         settings = settings.model_copy(update={"detector_train": trained_config})
-    with tracking.training_run(settings, run_name or "face-detector", tags={"maskwatch.model": "face_detector"}) as run_id:
+    detector_tags = {"maskwatch.model": "face_detector"}
+    with tracking.training_run(settings, run_name or "face-detector", tags=detector_tags) as run_id:
         model_dir = settings.work_dir / "runs" / run_id / "face_detector"
         model_dir.mkdir(parents=True, exist_ok=True)
         model_file, history = model_dir / "face_detector.keras", None

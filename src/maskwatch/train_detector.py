@@ -238,14 +238,15 @@ def build_face_detector(weights: str | None = "imagenet", fpn_channels: int = 96
     for feature, stride in zip(reversed(features[:-1]), (16, 8, 4)):
         lateral = layers.Conv2D(fpn_channels, 1, name=f"lateral_{stride}")(feature)
         merged = layers.Add(name=f"merge_{stride}")([layers.UpSampling2D(2, name=f"up_{stride}")(merged), lateral])
-        merged = layers.SeparableConv2D(fpn_channels, 3, padding="same", use_bias=False, name=f"smooth_{stride}")(merged)
+        merged = layers.SeparableConv2D(fpn_channels, 3, padding="same", use_bias=False,
+                                        name=f"smooth_{stride}")(merged)
         merged = layers.BatchNormalization(name=f"smooth_{stride}_bn")(merged)
         merged = layers.ReLU(name=f"smooth_{stride}_relu")(merged)
 
     def branch(name: str, channels: int, activation, bias=None):
         hidden = layers.Conv2D(head_channels, 3, padding="same", activation="relu", name=f"{name}_conv")(merged)
-        return layers.Conv2D(channels, 1, activation=activation, name=name,
-                             bias_initializer=keras.initializers.Constant(bias) if bias is not None else "zeros")(hidden)
+        initial_bias = keras.initializers.Constant(bias) if bias is not None else "zeros"
+        return layers.Conv2D(channels, 1, activation=activation, name=name, bias_initializer=initial_bias)(hidden)
 
     heat = branch("heat", 1 + NUM_CLASSES, "sigmoid", HEAT_PRIOR_BIAS)
     size = branch("size", 2, None)

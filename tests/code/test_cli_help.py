@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 MASKWATCH = str(Path(sys.executable).parent / "maskwatch")
-COMMANDS = [[], ["data"], ["data", "prepare"], ["train"], ["train-detector"], ["evaluate"], ["predict"], ["serve"], ["webcam"],
+COMMANDS = [[], ["data"], ["data", "prepare"], ["train"], ["train-detector"], ["evaluate"], ["predict"], ["serve"],
+            ["webcam"],
             ["export"], ["models"], ["models", "list"], ["models", "promote"],
             ["models", "register"], ["config"], ["config", "show"]]
 BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "benchmarks"

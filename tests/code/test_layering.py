@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-TRAINING_MODULES = {"maskwatch.train", "maskwatch.train_detector", "maskwatch.pipeline", "maskwatch.model", "maskwatch.data",
-                    "maskwatch.evaluate", "keras", "tensorflow", "mlflow"}
+TRAINING_MODULES = {"maskwatch.train", "maskwatch.train_detector", "maskwatch.pipeline", "maskwatch.model",
+                    "maskwatch.data", "maskwatch.evaluate", "keras", "tensorflow", "mlflow"}
 
 
 def imported_after(statement: str) -> set[str]:

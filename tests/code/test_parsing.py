@@ -10,7 +10,8 @@ from maskwatch.preprocessing import CropSpec, extract_face, read_image
 
 VOC = """<annotation><filename>{filename}</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>
 {objects}</annotation>"""
-OBJ = "<object><name>{label}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+OBJ = ("<object><name>{label}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+       "<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>")
 
 
 def make_voc(root, data_dir, entries):

@@ -60,7 +60,7 @@ def test_processes_opening_one_new_sqlite_store_at_once_all_succeed(tmp_path, da
     procs = [subprocess.Popen([sys.executable, "-c", opens_the_store], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for _ in range(4)]
     outputs = [(proc.communicate(timeout=300), proc.returncode) for proc in procs]
-    for (stdout, stderr), returncode in outputs:
+    for (_stdout, stderr), returncode in outputs:
         assert returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
         assert "Creating initial MLflow database tables" not in stderr  # MLflow's INFO lines stay quiet
     with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:  # the processes have all ended
@@ -122,6 +122,7 @@ def test_two_deterministic_runs_of_one_seed_train_the_same_model(tmp_path, data_
     first, second = (pd.read_csv(run / "history.csv").drop(columns="epoch_seconds") for run in runs)
     assert list(first.columns) == list(second.columns) and len(first) == 3
     assert np.array_equal(first.select_dtypes("number").to_numpy(), second.select_dtypes("number").to_numpy())
-    assert json.loads((runs[0] / "evaluation.json").read_text()) == json.loads((runs[1] / "evaluation.json").read_text())
+    evaluations = [json.loads((run / "evaluation.json").read_text()) for run in runs[:2]]
+    assert evaluations[0] == evaluations[1]
     weights = [keras.models.load_model(run / "model" / "model.keras").get_weights() for run in runs]
     assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))

@@ -54,7 +54,8 @@ def test_two_phase_job_leaves_a_complete_mlflow_run(settings_factory, tmp_path, 
                  for a in client.list_artifacts(result.run_id, path)}
     for expected in ("training/training_curves.png", "training/history.csv", "evaluation/confusion_matrix.png",
                      "evaluation/reliability_diagram.png", "evaluation/classification_report.txt", "model/MLmodel",
-                     "data_report/sample_crops.png", "data_report/face_sizes.png", "config.yaml", "promotion.json", "model/data/model_float.tflite"):
+                     "data_report/sample_crops.png", "data_report/face_sizes.png", "config.yaml", "promotion.json",
+                     "model/data/model_float.tflite"):
         assert expected in artifacts, expected
     # get_model_info leaves a temp folder with the MLmodel file behind (mlflow issue 12140): keep it in tmp_path.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

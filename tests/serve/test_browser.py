@@ -21,7 +21,8 @@ def test_upload_shows_labelled_boxes(browser, gunicorn_server, data_dir, tmp_pat
         const c = document.getElementById('canvas'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let n = 0; for (let i = 0; i < d.length; i += 4) {
           const [r, g, b] = [d[i], d[i+1], d[i+2]];
-          if ((r == 46 && g == 160 && b == 67) || (r == 220 && g == 38 && b == 38) || (r == 234 && g == 162 && b == 0)) n++;
+          if ((r == 46 && g == 160 && b == 67) || (r == 220 && g == 38 && b == 38)
+              || (r == 234 && g == 162 && b == 0)) n++;
         } return n; }""")
     assert coloured > 200
     page.screenshot(path=str(tmp_path / "page.png"))
