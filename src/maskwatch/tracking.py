@@ -59,12 +59,17 @@ class HeadToHead:
 
 @dataclass
 class PromotionDecision:
+    """`challenger_value` is the new model's figure on its whole test split; `compared_challenger_value` and
+    `champion_value` are the two figures the gate compared, on the faces named by `comparison_basis` ("" for the
+    whole test split)."""
     version: str | None
     promoted: bool
     metric: str
     challenger_value: float
     champion_version: str | None = None
     champion_value: float | None = None
+    compared_challenger_value: float | None = None
+    comparison_basis: str = ""
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -943,7 +948,8 @@ def _champion_number(settings: Settings) -> str | None:
 def _judge(decision: PromotionDecision, champion: str | None, version: str,
            champion_metrics_for: Callable[[str], HeadToHead], min_improvement: float) -> None:
     """Fill in whether `decision`'s challenger beats `champion` (a version number, or None when there is none)."""
-    decision.champion_version = decision.champion_value = None
+    decision.champion_version = decision.champion_value = decision.compared_challenger_value = None
+    decision.comparison_basis = ""
     if champion is None:
         decision.promoted, decision.reason = True, "no champion yet"
     elif champion == version:
@@ -960,6 +966,7 @@ def _judge(decision: PromotionDecision, champion: str | None, version: str,
             return
         challenger_value = decision.challenger_value if scores.challenger is None else scores.challenger[metric]
         decision.champion_value = float(scores.champion[metric])
+        decision.compared_challenger_value, decision.comparison_basis = float(challenger_value), scores.basis
         margin = challenger_value - decision.champion_value
         decision.promoted = margin > min_improvement
         basis = f" {scores.basis}" if scores.basis else ""

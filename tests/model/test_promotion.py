@@ -42,6 +42,7 @@ def test_a_better_model_is_promoted_and_a_worse_one_is_not(registry):
     settings, client = registry
     lost = tracking.decide_promotion(settings, "2", {"macro_f1": 0.70}, macro_f1_of({"1": 0.80}))
     assert not lost.promoted and lost.champion_version == "1" and lost.champion_value == 0.80
+    assert lost.compared_challenger_value == 0.70 and lost.comparison_basis == ""  # the whole test split
     won = tracking.decide_promotion(settings, "3", {"macro_f1": 0.90}, macro_f1_of({"1": 0.80}))
     assert won.promoted and "vs champion v1" in won.reason
     assert champion_of(client) == "3"
@@ -85,12 +86,16 @@ def test_a_champion_that_trained_on_test_photos_is_compared_on_the_others_or_kep
     won = tracking.decide_promotion(settings, "2", {"macro_f1": 0.70}, lambda version: on_fewer)
     assert won.promoted and champion_of(client) == "2"  # 0.85 vs 0.80 on the same faces, not 0.70 vs 0.80
     assert won.reason.startswith("macro_f1 0.8500 vs champion v1 0.8000 on 120 of 131 test photos")
+    # promotion.json keeps both bases apart: the whole test split's figure and the two compared on fewer photos
+    assert (won.challenger_value, won.compared_challenger_value, won.champion_value) == (0.70, 0.85, 0.80)
+    assert won.to_dict()["comparison_basis"] == "on 120 of 131 test photos"
 
     def not_comparable(version):
         raise tracking.NotComparableError("it does not record the photos it trained on")
 
     kept = tracking.decide_promotion(settings, "3", {"macro_f1": 0.99}, not_comparable)
     assert not kept.promoted and champion_of(client) == "2"
+    assert kept.compared_challenger_value is None and kept.comparison_basis == ""  # nothing was compared
     assert kept.reason == ("not compared with champion v2: it does not record the photos it trained on. To serve "
                            "v3 anyway: `maskwatch models promote 3`")
     assert client.get_model_version(NAME, "3").tags["promotion"] == kept.reason
