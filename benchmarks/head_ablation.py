@@ -27,6 +27,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The margin and interpolation variants use the configured input size (data.image_size, 160 px by default).
 CROP_VARIANTS = {
     "margin0.15_cubic": {"crop_margin": 0.15, "resize_interpolation": "cubic"},
     "margin0.0_cubic": {"crop_margin": 0.0, "resize_interpolation": "cubic"},
@@ -36,6 +37,7 @@ CROP_VARIANTS = {
     # Model input side: faces are mostly under 32 px, so a smaller input may lose nothing and costs half or less.
     "size160_margin0.15_cubic": {"crop_margin": 0.15, "resize_interpolation": "cubic", "image_size": 160},
     "size128_margin0.15_cubic": {"crop_margin": 0.15, "resize_interpolation": "cubic", "image_size": 128},
+    "size224_margin0.15_cubic": {"crop_margin": 0.15, "resize_interpolation": "cubic", "image_size": 224},
 }
 IMBALANCE_VARIANTS = {
     "none": ("none", 0.0),

@@ -33,11 +33,12 @@ def pairs_table(distances: np.ndarray, correlations: np.ndarray) -> list[dict]:
     return rows
 
 
-def scenes_for(paths: list[str], max_distance: int, min_correlation: float) -> tuple[int, int, int]:
+def scenes_for(hashes: np.ndarray, thumbnails: np.ndarray, max_distance: int,
+               min_correlation: float) -> tuple[int, int, int]:
     """(scenes of several photos, photos in them, largest scene) for one pair of thresholds."""
-    from maskwatch.data import similar_photo_groups
+    from maskwatch.data import groups_from_signatures
 
-    firsts = np.array(similar_photo_groups(paths, max_distance, min_correlation))
+    firsts = np.array(groups_from_signatures(hashes, thumbnails, max_distance, min_correlation))
     sizes = np.bincount(firsts)
     return int((sizes > 1).sum()), int(sizes[sizes > 1].sum()), int(sizes.max())
 
@@ -77,15 +78,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from maskwatch.config import DataConfig
-    from maskwatch.data import photo_signature, scan_dataset
-    from maskwatch.progress import progress_bar
+    from maskwatch.data import photo_signatures, scan_dataset
 
     paths = sorted(scan_dataset(args.data_dir).faces["image_path"].unique())
     started = time.perf_counter()
-    signatures = [photo_signature(path) for path in progress_bar(paths, desc="signatures", unit="photo")]
+    hashes, thumbnails = photo_signatures(paths)  # once: every comparison below reuses them
     seconds = time.perf_counter() - started
-    hashes = np.array([sig[0] for sig in signatures], dtype=np.uint64)
-    thumbnails = np.array([sig[1] for sig in signatures])
     distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :]).astype(int)
     correlations = thumbnails @ thumbnails.T
 
@@ -98,7 +96,7 @@ def main(argv=None):
     default = (defaults.similar_photo_max_hash_distance, defaults.similar_photo_min_correlation)
     for max_distance, min_correlation in dict.fromkeys([(6, -1.0), (12, -1.0), (64, 0.9), (64, 0.8), (12, 0.8),
                                                         default, (16, 0.75), (20, 0.85)]):
-        scenes, photos, largest = scenes_for(paths, max_distance, min_correlation)
+        scenes, photos, largest = scenes_for(hashes, thumbnails, max_distance, min_correlation)
         threshold_rows.append({"max hash bits": max_distance, "min corr": min_correlation, "scenes": scenes,
                                "photos in them": photos, "largest scene": largest})
     print(f"\nscenes of several photos per threshold pair (the default is {default[0]} bits and r >= {default[1]}):")
@@ -130,15 +128,13 @@ def transformed_copies(paths: list[str], hashes: np.ndarray, thumbnails: np.ndar
     are not one scene already go on a sheet, to judge by eye whether any is a real copy."""
     from PIL import Image
 
-    from maskwatch.data import photo_signature, similar_photo_groups
+    from maskwatch.data import groups_from_signatures, photo_signatures
 
-    firsts = similar_photo_groups(paths, max_distance, min_correlation)
+    firsts = groups_from_signatures(hashes, thumbnails, max_distance, min_correlation)
     rows = []
     for name, transpose in [("mirrored", Image.Transpose.FLIP_LEFT_RIGHT), ("rotated 90", Image.Transpose.ROTATE_90),
                             ("rotated 180", Image.Transpose.ROTATE_180), ("rotated 270", Image.Transpose.ROTATE_270)]:
-        signatures = [photo_signature(path, transpose) for path in paths]
-        turned_hashes = np.array([sig[0] for sig in signatures], dtype=np.uint64)
-        turned_thumbnails = np.array([sig[1] for sig in signatures])
+        turned_hashes, turned_thumbnails = photo_signatures(paths, transpose)
         distances = np.bitwise_count(turned_hashes[:, None] ^ hashes[None, :]).astype(int)
         correlations = turned_thumbnails @ thumbnails.T
         passing = (distances <= max_distance) & (correlations >= min_correlation)

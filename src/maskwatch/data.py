@@ -359,13 +359,27 @@ def photo_signature(image_path: str | Path, transpose=None) -> tuple[int, np.nda
     return int(np.packbits(bits).view(">u8")[0]), centred / max(float(np.linalg.norm(centred)), 1e-6)
 
 
+def photo_signatures(image_paths: list[str], transpose=None) -> tuple[np.ndarray, np.ndarray]:
+    """Every photo's hash and thumbnail (see photo_signature), stacked; a photo that cannot be decoded gets 0 and
+    a blank thumbnail, which correlates with nothing."""
+    signatures = [photo_signature(path, transpose)
+                  for path in progress_bar(image_paths, desc="comparing photos", unit="photo")]
+    hashes = np.array([sig[0] if sig else 0 for sig in signatures], dtype=np.uint64)
+    thumbnails = np.array([sig[1] if sig else np.zeros(THUMBNAIL_SIDE ** 2, np.float32) for sig in signatures])
+    return hashes, thumbnails.reshape(len(image_paths), THUMBNAIL_SIDE ** 2)
+
+
 def similar_photo_groups(image_paths: list[str], max_hash_distance: int, min_correlation: float,
                          block: int = 512) -> list[int]:
     """For each photo, the index of the first photo of its scene (itself when it has no look-alike)."""
-    signatures = [photo_signature(path) for path in progress_bar(image_paths, desc="comparing photos", unit="photo")]
-    hashes = np.array([sig[0] if sig else 0 for sig in signatures], dtype=np.uint64)
-    thumbnails = np.array([sig[1] if sig else np.zeros(THUMBNAIL_SIDE ** 2, np.float32) for sig in signatures])
-    parent = list(range(len(image_paths)))
+    return groups_from_signatures(*photo_signatures(image_paths), max_hash_distance, min_correlation, block)
+
+
+def groups_from_signatures(hashes: np.ndarray, thumbnails: np.ndarray, max_hash_distance: int,
+                           min_correlation: float, block: int = 512) -> list[int]:
+    """similar_photo_groups on signatures already computed: two photos are one scene when their hashes differ in
+    at most max_hash_distance bits and their thumbnails correlate at min_correlation or more; scenes chain."""
+    parent = list(range(len(hashes)))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -373,13 +387,13 @@ def similar_photo_groups(image_paths: list[str], max_hash_distance: int, min_cor
             i = parent[i]
         return i
 
-    for start in range(0, len(image_paths), block):  # blocks keep memory linear in the number of photos
+    for start in range(0, len(hashes), block):  # blocks keep memory linear in the number of photos
         distances = np.bitwise_count(hashes[start:start + block, None] ^ hashes[None, :])
         correlations = thumbnails[start:start + block] @ thumbnails.T
         for row, col in zip(*np.nonzero((distances <= max_hash_distance) & (correlations >= min_correlation))):
             first, second = sorted((root(start + int(row)), root(int(col))))
             parent[second] = first
-    return [root(i) for i in range(len(image_paths))]
+    return [root(i) for i in range(len(hashes))]
 
 
 def with_scene_ids(faces: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
