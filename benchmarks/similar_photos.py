@@ -78,14 +78,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from maskwatch.config import DataConfig
-    from maskwatch.data import photo_signatures, scan_dataset
+    from maskwatch.data import photo_signatures, scan_dataset, signature_distances
 
     paths = sorted(scan_dataset(args.data_dir).faces["image_path"].unique())
     started = time.perf_counter()
     hashes, thumbnails = photo_signatures(paths)  # once: every comparison below reuses them
     seconds = time.perf_counter() - started
-    distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :]).astype(int)
-    correlations = thumbnails @ thumbnails.T
+    distances, correlations = signature_distances(hashes, thumbnails, hashes, thumbnails)
+    distances = distances.astype(int)
 
     print(f"{len(paths)} photos, signatures in {seconds:.1f} s; pairs of photos by hash distance and correlation:")
     table = pairs_table(distances, correlations)
@@ -128,15 +128,15 @@ def transformed_copies(paths: list[str], hashes: np.ndarray, thumbnails: np.ndar
     are not one scene already go on a sheet, to judge by eye whether any is a real copy."""
     from PIL import Image
 
-    from maskwatch.data import groups_from_signatures, photo_signatures
+    from maskwatch.data import groups_from_signatures, photo_signatures, signature_distances
 
     firsts = groups_from_signatures(hashes, thumbnails, max_distance, min_correlation)
     rows = []
     for name, transpose in [("mirrored", Image.Transpose.FLIP_LEFT_RIGHT), ("rotated 90", Image.Transpose.ROTATE_90),
                             ("rotated 180", Image.Transpose.ROTATE_180), ("rotated 270", Image.Transpose.ROTATE_270)]:
         turned_hashes, turned_thumbnails = photo_signatures(paths, transpose)
-        distances = np.bitwise_count(turned_hashes[:, None] ^ hashes[None, :]).astype(int)
-        correlations = turned_thumbnails @ thumbnails.T
+        distances, correlations = signature_distances(turned_hashes, turned_thumbnails, hashes, thumbnails)
+        distances = distances.astype(int)
         passing = (distances <= max_distance) & (correlations >= min_correlation)
         np.fill_diagonal(passing, False)  # a symmetric photo matches its own mirror image
         pairs = sorted({tuple(sorted((int(i), int(j)))) for i, j in zip(*np.nonzero(passing))})

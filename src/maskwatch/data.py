@@ -375,6 +375,12 @@ def similar_photo_groups(image_paths: list[str], max_hash_distance: int, min_cor
     return groups_from_signatures(*photo_signatures(image_paths), max_hash_distance, min_correlation, block)
 
 
+def signature_distances(hashes_a: np.ndarray, thumbnails_a: np.ndarray, hashes_b: np.ndarray,
+                        thumbnails_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair's hash distance in bits and thumbnail correlation (rows: the photos of a, columns: those of b)."""
+    return np.bitwise_count(hashes_a[:, None] ^ hashes_b[None, :]), thumbnails_a @ thumbnails_b.T
+
+
 def groups_from_signatures(hashes: np.ndarray, thumbnails: np.ndarray, max_hash_distance: int,
                            min_correlation: float, block: int = 512) -> list[int]:
     """similar_photo_groups on signatures already computed: two photos are one scene when their hashes differ in
@@ -388,8 +394,8 @@ def groups_from_signatures(hashes: np.ndarray, thumbnails: np.ndarray, max_hash_
         return i
 
     for start in range(0, len(hashes), block):  # blocks keep memory linear in the number of photos
-        distances = np.bitwise_count(hashes[start:start + block, None] ^ hashes[None, :])
-        correlations = thumbnails[start:start + block] @ thumbnails.T
+        distances, correlations = signature_distances(hashes[start:start + block], thumbnails[start:start + block],
+                                                      hashes, thumbnails)
         for row, col in zip(*np.nonzero((distances <= max_hash_distance) & (correlations >= min_correlation))):
             first, second = sorted((root(start + int(row)), root(int(col))))
             parent[second] = first
