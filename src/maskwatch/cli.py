@@ -489,7 +489,8 @@ def webcam(source: Annotated[str, typer.Option(help="Camera index (0), video fil
     mask_detector = _mask_detector(settings, model, runtime)
     try:
         summary = run_video(mask_detector, parse_source(source), display=display, output=output, json_path=json_out,
-                            max_frames=max_frames, tracker=FaceTracker(settings.realtime))
+                            max_frames=max_frames, tracker=FaceTracker(settings.realtime),
+                            stream_timeout_s=settings.realtime.stream_timeout_s)
     except VideoSourceError as error:
         _fail(str(error))
     err(summary.to_text())

@@ -221,6 +221,8 @@ class RealtimeConfig(_Section):
                                          "frame (a moving average that steadies labels); 0 = every frame alone.")
     track_min_iou: float = Field(0.3, gt=0.0, le=1.0, description="Box overlap that makes a face the one before.")
     track_max_missed: int = Field(5, ge=0, description="Frames a face may go unseen before its track ends.")
+    stream_timeout_s: float = Field(10.0, gt=0.0, description="A stream URL's wait to open and for each frame "
+                                                             "(OpenCV's own is 30 s).")
 
 
 class Settings(_Section):

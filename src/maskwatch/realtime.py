@@ -31,23 +31,38 @@ def parse_source(source: str) -> int | str:
     return int(source) if source.isdigit() else source
 
 
-class FrameReader:
-    """Reads frames on a background thread; `latest_only` drops frames the consumer had no time for."""
+def is_stream(source: int | str) -> bool:
+    return isinstance(source, str) and "://" in source
 
-    def __init__(self, source: int | str, latest_only: bool | None = None):
+
+class FrameReader:
+    """Reads frames on a background thread; `latest_only` drops frames the consumer had no time for.
+
+    A stream URL waits at most `stream_timeout_s` to open and for each frame (OpenCV's own limit is 30 s: a
+    server that accepts and never answers would hold `webcam` that long before its error).
+    """
+
+    def __init__(self, source: int | str, latest_only: bool | None = None, stream_timeout_s: float = 10.0):
         self.source = source
-        if isinstance(source, str) and "://" not in source and not Path(source).is_file():
+        if isinstance(source, str) and not is_stream(source) and not Path(source).is_file():
             raise VideoSourceError(f"video file {source} does not exist")
-        self.capture = cv2.VideoCapture(source)
+        if is_stream(source):
+            limit_ms = round(stream_timeout_s * 1000)
+            self.capture = cv2.VideoCapture(source, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, limit_ms,
+                                                                  cv2.CAP_PROP_READ_TIMEOUT_MSEC, limit_ms])
+        else:
+            self.capture = cv2.VideoCapture(source)
         if not self.capture.isOpened():
             what = f"camera {source}" if isinstance(source, int) else f"video source {source}"
-            raise VideoSourceError(f"cannot open {what} (is it connected, readable and a video?)")
+            hint = (f"is it reachable, and does it answer within {stream_timeout_s:g} s "
+                    "(realtime.stream_timeout_s)?" if is_stream(source) else "is it connected, readable and a video?")
+            raise VideoSourceError(f"cannot open {what} ({hint})")
         ok, first = self.capture.read()
         if not ok or first is None:
             self.capture.release()
             raise VideoSourceError(f"cannot read a frame from {source}")
         self.fps = float(self.capture.get(cv2.CAP_PROP_FPS) or 0.0) or 30.0
-        self.latest_only = isinstance(source, int) or "://" in str(source) if latest_only is None else latest_only
+        self.latest_only = isinstance(source, int) or is_stream(source) if latest_only is None else latest_only
         self.frames: queue.Queue = queue.Queue(maxsize=1 if self.latest_only else 8)
         self.frames.put(first)
         self.dropped = 0
@@ -182,12 +197,13 @@ def open_display(window: str) -> None:
 
 def run_video(mask_detector: MaskDetector, source: int | str, display: bool = True, output: Path | None = None,
               json_path: Path | None = None, max_frames: int | None = None, latest_only: bool | None = None,
-              window: str = "maskwatch", tracker: FaceTracker | None = None) -> RunSummary:
+              window: str = "maskwatch", tracker: FaceTracker | None = None,
+              stream_timeout_s: float = 10.0) -> RunSummary:
     """The loop: read, detect + classify (and, with a tracker, follow faces and steady their labels), draw with
     FPS, show / write. `q`, Ctrl-C or SIGTERM stops and releases."""
     if display:
         open_display(window)
-    reader = FrameReader(source, latest_only)
+    reader = FrameReader(source, latest_only, stream_timeout_s)
     writer, json_file = None, None
     times, recent = StageTimes(), deque(maxlen=30)
     last_label: dict[int, str] = {}  # each followed face's latest label

@@ -3,7 +3,9 @@
 import json
 import os
 import signal
+import socket
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -87,6 +89,66 @@ def test_bad_sources_are_clear_errors(tmp_path):
         FrameReader(str(junk))
     with pytest.raises(VideoSourceError, match="camera 9"):
         FrameReader(9)
+
+
+class _SilentServer:
+    """Accepts connections; with `frame`, sends it `frames` times as an MJPEG stream over HTTP first, then
+    nothing more."""
+
+    def __init__(self, frame: bytes | None = None, frames: int = 0):
+        self.frame, self.frames, self.connections = frame, frames, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            if self.frame is not None:
+                connection.recv(4096)
+                part = (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: " + str(len(self.frame)).encode()
+                        + b"\r\n\r\n" + self.frame + b"\r\n")
+                connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame"
+                                   b"\r\n\r\n" + part * self.frames)
+
+    def close(self):
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+def test_silent_stream_fails_within_its_timeout():
+    """A stream server that accepts and never answers: a clear error once realtime.stream_timeout_s has
+    passed, not after OpenCV's own 30 s."""
+    server = _SilentServer()
+    try:
+        for url in (f"http://127.0.0.1:{server.port}/video.mjpg", f"rtsp://127.0.0.1:{server.port}/stream"):
+            started = time.perf_counter()
+            with pytest.raises(VideoSourceError, match=r"cannot open video source .*within 1 s"):
+                FrameReader(url, stream_timeout_s=1.0)
+            assert time.perf_counter() - started < 15, url  # OpenCV alone waits 30 s
+    finally:
+        server.close()
+
+
+def test_stream_that_stalls_ends_within_its_timeout():
+    """A stream that sends frames and then stalls ends (None) instead of holding the reader thread."""
+    ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 128, np.uint8))
+    server = _SilentServer(jpeg.tobytes(), frames=40)
+    try:
+        reader = FrameReader(f"http://127.0.0.1:{server.port}/video.mjpg", latest_only=False, stream_timeout_s=1.0)
+        frames = 0
+        while (frame := reader.read(timeout=15)) is not None:  # raises if the reader hangs past OpenCV's 30 s
+            assert frame.shape == (48, 64, 3)
+            frames += 1
+        reader.close()
+        assert 0 < frames <= 40
+    finally:
+        server.close()
 
 
 def test_webcam_command_headless(tiny_bundle, test_video, yunet_path, tmp_path):
