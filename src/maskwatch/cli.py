@@ -285,7 +285,8 @@ def _evaluate_detection(settings: Settings, bundle: Path, uri: str, prepared, fa
 
 @app.command()
 def predict(images: Annotated[list[Path], typer.Argument(
-                help="Photos to analyse, or folders: every photo in them and their subfolders.")],
+                help="Photos to analyse, or folders: every photo in them and their subfolders (files with other "
+                     "suffixes are named and skipped).")],
             model: ModelOpt = None,
             as_json: Annotated[bool, typer.Option("--json", help="Print detections as JSON.")] = False,
             output: Annotated[Optional[Path], typer.Option(
@@ -351,6 +352,7 @@ def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
         found = images_in(path)
         if not found:
             _fail(f"{path}: no photos in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+        _note_skipped(path, found)
         photos += [(photo, photo.relative_to(path)) for photo in found]
     resolved = [photo.resolve() for photo, _ in photos]
     by_name = defaultdict(set)
@@ -362,6 +364,20 @@ def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
             shared = Path(os.path.commonpath(clashing))
             renamed.update({real: real.relative_to(shared) for real in clashing})
     return [(photo, renamed.get(real, name)) for (photo, name), real in zip(photos, resolved)]
+
+
+def _note_skipped(folder: Path, photos: list[Path]) -> None:
+    """Says which files of a folder are not read for their suffix, so that a .gif or .heic is not lost unseen."""
+    from maskwatch.preprocessing import IMAGE_SUFFIXES
+
+    kept = set(photos)
+    skipped = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                     if path.is_file() and path not in kept
+                     and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        err(f"{folder}: skipped {len(skipped)} file(s) that are not photos by their suffix ({shown}); "
+            f"photos are {', '.join(IMAGE_SUFFIXES)}")
 
 
 def _mask_detector(settings: Settings, model: str | None, runtime: Runtime | None):

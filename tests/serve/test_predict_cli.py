@@ -49,6 +49,7 @@ def test_predict_takes_folders_and_counts_faces_by_label(tiny_bundle, data_dir, 
                          timeout=300, env=env)
     assert out.returncode == 1, out.stderr[-2000:]  # one photo could not be read
     assert "broken.png" in out.stderr and "Traceback" not in out.stderr
+    assert f"{folder}: skipped 1 file(s) that are not photos by their suffix (notes.txt)" in out.stderr
     faces = {line.split(": ")[0]: int(line.split(": ")[1].split()[0]) for line in out.stdout.splitlines()
              if line.endswith("face(s)")}
     assert set(faces) == {str(folder / "a" / "photo.jpg"), str(folder / "b" / "photo.jpg")}
