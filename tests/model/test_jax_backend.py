@@ -153,26 +153,36 @@ sys.meta_path.insert(0, Absent())
 
 
 @pytest.mark.slow
-def test_train_only_needs_neither_tensorflow_nor_mlflow_and_comes_back_with_trained(tmp_path, data_dir):
+def test_gpu_route_needs_neither_tensorflow_nor_mlflow_and_comes_back_with_trained(tmp_path, data_dir):
+    """The GPU route as scripts/gpu/ runs it: pack.sh (without wheels: they need the network), then
+    train_detectors.sh with TensorFlow and MLflow unimportable, as on a machine that has only JAX; back home,
+    --trained exports, scores and logs the model with that machine's record."""
     from conftest import cli_env
 
     args = TINY_DETECTOR_JOB
-    script = WITHOUT_TENSORFLOW_AND_MLFLOW + """
-from maskwatch.cli import app
-try:
-    app(prog_name="maskwatch")
-finally:
-    assert not [name for name in sys.modules if name.split(".")[0] in ("tensorflow", "mlflow")]
-"""
-    out_dir = tmp_path / "gpu-machine"
-    out = subprocess.run([sys.executable, "-c", script, "train-detector", *args, "--train-only", str(out_dir)],
-                         capture_output=True, text=True, timeout=900, env=jax_env(cli_env(tmp_path, data_dir)),
+    repo = Path(__file__).resolve().parents[2]
+    pack, out_dir = tmp_path / "pack", tmp_path / "gpu-machine" / "lr1e-3"
+    packed = subprocess.run(["bash", str(repo / "scripts" / "gpu" / "pack.sh"), str(pack), "--no-wheels"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**cli_env(tmp_path, data_dir), "PYTHON": sys.executable})
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert len(list((pack / "data" / "images").iterdir())) == len(list((data_dir / "images").iterdir()))
+    blocker = tmp_path / "jax-only"  # sitecustomize runs in every Python the script starts
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(WITHOUT_TENSORFLOW_AND_MLFLOW)
+    env = {**jax_env(cli_env(tmp_path, data_dir)), "PYTHONPATH": str(blocker), "PY": sys.executable,
+           "RATES": "1e-3", "BUDGET": "900", "WORKERS": "1", "EXTRA": " ".join(args)}
+    out = subprocess.run(["bash", str(repo / "scripts" / "gpu" / "train_detectors.sh"), str(pack),
+                          str(tmp_path / "gpu-machine")], capture_output=True, text=True, timeout=900, env=env,
                          cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "detector epoch 2: val mAP@0.5" in out.stdout and "--trained " + str(out_dir) in out.stdout
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = (out_dir / "train.log").read_text()
+    assert "detector epoch 2: val mAP@0.5" in out.stdout and "--trained " + str(out_dir) in log
     record = json.loads((out_dir / "train_config.json").read_text())
     assert record["backend"] == "jax" and record["epochs_run"] == 2 and record["best_epoch"] == 2
-    assert {"face_detector.keras", "history.csv", "training_curves.png"} <= {p.name for p in out_dir.iterdir()}
+    assert record["detector_train"]["learning_rate"] == 1e-3
+    assert {p.name for p in out_dir.iterdir()} == {"face_detector.keras", "history.csv", "train_config.json",
+                                                   "train.log"}  # what comes back; the rest is left there
     assert not (tmp_path / "mlflow.db").exists()
 
     # Back home (TensorFlow backend, MLflow): exported, scored and logged with the other machine's record.
