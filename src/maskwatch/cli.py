@@ -368,12 +368,10 @@ def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
 
 def _note_skipped(folder: Path, photos: list[Path]) -> None:
     """Says which files of a folder are not read for their suffix, so that a .gif or .heic is not lost unseen."""
-    from maskwatch.preprocessing import IMAGE_SUFFIXES
+    from maskwatch.preprocessing import IMAGE_SUFFIXES, visible_files
 
     kept = set(photos)
-    skipped = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
-                     if path.is_file() and path not in kept
-                     and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    skipped = [path.relative_to(folder).as_posix() for path in visible_files(folder) if path not in kept]
     if skipped:
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
         err(f"{folder}: skipped {len(skipped)} file(s) that are not photos by their suffix ({shown}); "

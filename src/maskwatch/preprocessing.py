@@ -111,13 +111,16 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageDecodeError(f"{path}: {err}") from err
 
 
-def images_in(folder: str | Path) -> list[Path]:
-    """The photos under a folder, its subfolders included, in sorted order; hidden files and other suffixes are
-    skipped."""
+def visible_files(folder: str | Path) -> list[Path]:
+    """The files under a folder, its subfolders included, in sorted order; hidden files and folders are skipped."""
     folder = Path(folder)
     return sorted(path for path in folder.rglob("*")
-                  if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
+def images_in(folder: str | Path) -> list[Path]:
+    """The photos under a folder (visible_files with a photo's suffix)."""
+    return [path for path in visible_files(folder) if path.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def crop_box(

@@ -6,8 +6,8 @@ import pytest
 from conftest import BMP_TOO_WIDE, PNG_CHUNK_BOMB, phone_jpeg
 from PIL import Image
 
-from maskwatch.preprocessing import (CropSpec, ImageDecodeError, PixelLimitError, crop_box, decode_image,
-                                     extract_face, read_image)
+from maskwatch.preprocessing import (CropSpec, ImageDecodeError, PixelLimitError, crop_box, decode_image, images_in,
+                                     extract_face, read_image, visible_files)
 
 
 def test_crop_box_adds_margin_and_squares():
@@ -116,3 +116,15 @@ def test_read_image_names_the_file(tmp_path):
         read_image(bad)
     with pytest.raises(ImageDecodeError, match="cannot read"):
         read_image(tmp_path / "absent.jpg")
+
+
+def test_images_in_and_visible_files_skip_hidden_paths(tmp_path):
+    """predict reads images_in's photos and names the rest of visible_files as skipped; hidden files and
+    folders (.git, .DS_Store, editors' swap files) are neither read nor named."""
+    for name in ("a.jpg", "sub/B.PNG", "sub/notes.txt", "anim.gif", ".hidden.jpg", ".cache/c.jpg", "sub/.swp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.jpg").mkdir()  # a folder with a photo's name is not a photo
+    assert [p.relative_to(tmp_path).as_posix() for p in visible_files(tmp_path)] == [
+        "a.jpg", "anim.gif", "sub/B.PNG", "sub/notes.txt"]
+    assert [p.relative_to(tmp_path).as_posix() for p in images_in(tmp_path)] == ["a.jpg", "sub/B.PNG"]
