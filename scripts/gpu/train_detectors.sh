@@ -14,8 +14,12 @@ if [[ $# -lt 2 || $1 == -h || $1 == --help ]]; then
     sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     exit $(( $# < 2 ))
 fi
-pack=$(realpath "$1")
+pack=$(realpath -m "$1")
 out=$2
+if [[ ! -d $pack/data/images || ! -d $pack/keras/models ]]; then
+    echo "error: $pack is not a folder made by scripts/gpu/pack.sh (data/images/, keras/models/)" >&2
+    exit 2
+fi
 repo=$(realpath "$(dirname "$0")/../..")
 python=${PY:-python3}
 started=$(date +%s)
