@@ -209,6 +209,13 @@ TINY_TRAIN_JOB = ["--set", "data.max_photos=24", "--set", "train.phase1_epochs=1
 NO_WAY_OUT = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
 
 
+def tooling_warnings(caught: list) -> list[str]:
+    """The caught warnings that maskwatch.export keeps from users, found by their own words (not by its patterns,
+    which could miss them): Keras' tf2onnx shim's about np.object, TensorFlow's deprecated tf.lite.Interpreter."""
+    return [str(w.message) for w in caught
+            if "np.object" in str(w.message) or "tf.lite.Interpreter is deprecated" in str(w.message)]
+
+
 def cli_env(work: Path, data_dir: Path) -> dict:
     """Environment for a CLI run in `work`: the real data set, artifacts and the SQLite store kept inside it."""
     env = {**os.environ, "MASKWATCH_DATA_DIR": str(data_dir), "MASKWATCH_WORK_DIR": str(work / "artifacts")}

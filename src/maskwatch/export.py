@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,13 +86,34 @@ def export_model(bundle: Path, formats: list[str], calibration_df: pd.DataFrame 
                 raise ValueError("int8 export needs calibration crops from the training split")
             float_layers = export_int8_litert(model, signature, calibration_df, target, selection_df).float_layers
         elif fmt == "onnx":
-            model.export(str(target), format="onnx", input_signature=signature, verbose=False)
+            export_onnx_file(model, target, signature)
         else:
             raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FILES)}")
         results.append(ExportResult(fmt, target, target.stat().st_size, float_layers))
     metadata.exports = {**metadata.exports, **{r.runtime: r.path.name for r in results}}
     write_metadata(bundle_dir, metadata)
     return results
+
+
+# Warnings raised inside Keras' and TensorFlow's own code that say nothing about the model and that a user cannot
+# act on, but that `maskwatch export` and `train-detector` printed: Keras' tf2onnx shim probes `np.object` (a
+# FutureWarning under numpy 2.4), and TensorFlow's QuantizationDebugger still builds the deprecated
+# tf.lite.Interpreter. (category, message pattern) pairs.
+TOOLING_WARNINGS = ((FutureWarning, r"In the future `np\.object`"),
+                    (UserWarning, r"\s*Warning: tf\.lite\.Interpreter is deprecated"))
+
+
+@contextmanager
+def without_tooling_warnings():
+    with warnings.catch_warnings():
+        for category, pattern in TOOLING_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=category)
+        yield
+
+
+def export_onnx_file(model, target: Path, input_signature) -> None:
+    with without_tooling_warnings():
+        model.export(str(target), format="onnx", input_signature=input_signature, verbose=False)
 
 
 def run_under_tensorflow(code: str, *args: str, what: str) -> None:
@@ -145,7 +168,7 @@ def export_int8_litert(model, signature, calibration_df: pd.DataFrame, target: P
     def debug_crops():
         return calibration_batches(calibration_df, count=60, seed=1)
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, without_tooling_warnings():
         model.export(folder, format="tf_saved_model", input_signature=signature, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -523,9 +523,10 @@ def export_onnx(model_file: Path, target: Path) -> Path:
         return _export_onnx_with_tensorflow(model_file, target)
     import tensorflow as tf
 
+    from maskwatch.export import export_onnx_file
+
     model = keras.models.load_model(model_file, compile=False)
-    model.export(str(target), format="onnx", verbose=False,
-                 input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="image")])
+    export_onnx_file(model, target, [tf.TensorSpec([None, None, None, 3], tf.float32, name="image")])
     return target
 
 
