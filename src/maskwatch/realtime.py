@@ -174,6 +174,7 @@ class RunSummary:
     dropped: int
     stage_ms: dict[str, float]
     tracks_by_label: dict[str, int] | None = None  # followed faces by their last label (with a tracker)
+    source_stopped: str | None = None  # a camera or stream that ended the run by itself: a file's end is no news
 
     def to_text(self) -> str:
         stages = "  ".join(f"{k} {v:.1f} ms" for k, v in self.stage_ms.items())
@@ -182,6 +183,8 @@ class RunSummary:
         if self.tracks_by_label is not None:
             labels = ", ".join(f"{label} {count}" for label, count in self.tracks_by_label.items())
             text += f"\nfaces followed: {sum(self.tracks_by_label.values())} ({labels or 'none'})"
+        if self.source_stopped:
+            text += f"\n{self.source_stopped}"
         return text
 
 
@@ -208,6 +211,7 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
     times, recent = StageTimes(), deque(maxlen=30)
     last_label: dict[int, str] = {}  # each followed face's latest label
     frames = faces = 0
+    source_stopped = None
     stop = threading.Event()
     started = time.perf_counter()
     # Ctrl-C, `kill`, a service manager's stop or a closed terminal end the loop like `q`: the video file gets
@@ -221,6 +225,10 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
                 t0 = time.perf_counter()
                 frame = reader.read()
                 if frame is None:
+                    if isinstance(source, int):
+                        source_stopped = f"camera {source} stopped sending frames"
+                    elif is_stream(source):  # OpenCV does not say whether it ended or stalled
+                        source_stopped = f"the stream ended or sent nothing for {stream_timeout_s:g} s"
                     break
                 t1 = time.perf_counter()
                 rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
@@ -264,7 +272,7 @@ def run_video(mask_detector: MaskDetector, source: int | str, display: bool = Tr
     seconds = time.perf_counter() - started
     tracks_by_label = dict(Counter(last_label.values()).most_common()) if tracker is not None else None
     return RunSummary(frames, seconds, frames / seconds if seconds else 0.0, faces, reader.dropped, times.summary(),
-                      tracks_by_label)
+                      tracks_by_label, source_stopped)
 
 
 def _open_writer(path: Path, shape, fps: float):

@@ -137,18 +137,23 @@ def test_silent_stream_fails_within_its_timeout():
         server.close()
 
 
-def test_stream_that_stalls_ends_within_its_timeout():
-    """A stream that sends frames and then stalls ends (None) instead of holding the reader thread."""
+def test_stream_that_stalls_ends_within_its_timeout(mask_detector):
+    """A stream that sends frames and then stalls ends (None) instead of holding the reader thread, and the run's
+    summary says the stream stopped."""
     ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 128, np.uint8))
     server = _SilentServer(jpeg.tobytes(), frames=40)
+    url = f"http://127.0.0.1:{server.port}/video.mjpg"
     try:
-        reader = FrameReader(f"http://127.0.0.1:{server.port}/video.mjpg", latest_only=False, stream_timeout_s=1.0)
+        reader = FrameReader(url, latest_only=False, stream_timeout_s=1.0)
         frames = 0
         while (frame := reader.read(timeout=15)) is not None:  # raises if the reader hangs past OpenCV's 30 s
             assert frame.shape == (48, 64, 3)
             frames += 1
         reader.close()
         assert 0 < frames <= 40
+        summary = run_video(mask_detector, url, display=False, latest_only=False, stream_timeout_s=1.0)
+        assert summary.frames == frames and summary.faces == 0  # a grey picture
+        assert summary.to_text().endswith("\nthe stream ended or sent nothing for 1 s")
     finally:
         server.close()
 
