@@ -43,7 +43,7 @@ class FrameReader:
     """
 
     def __init__(self, source: int | str, latest_only: bool | None = None, stream_timeout_s: float = 10.0):
-        self.source = source
+        self.source, self.stream_timeout_s = source, stream_timeout_s
         if isinstance(source, str) and not is_stream(source) and not Path(source).is_file():
             raise VideoSourceError(f"video file {source} does not exist")
         if is_stream(source):
@@ -91,8 +91,11 @@ class FrameReader:
                         continue
         self.frames.put(None)  # end of stream
 
-    def read(self, timeout: float = 10.0) -> np.ndarray | None:
-        """The next BGR frame, or None at the end of the stream."""
+    def read(self, timeout: float | None = None) -> np.ndarray | None:
+        """The next BGR frame, or None at the end of the stream. Waits `timeout` seconds: by default 10, and for a
+        stream 5 more than its own timeout, so that a stall ends the stream here rather than racing it."""
+        if timeout is None:
+            timeout = max(10.0, self.stream_timeout_s + 5.0) if is_stream(self.source) else 10.0
         try:
             return self.frames.get(timeout=timeout)
         except queue.Empty as err:
