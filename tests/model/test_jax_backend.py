@@ -169,7 +169,9 @@ def test_gpu_route_needs_neither_tensorflow_nor_mlflow_and_comes_back_with_train
     assert len(list((pack / "data" / "images").iterdir())) == len(list((data_dir / "images").iterdir()))
     blocker = tmp_path / "jax-only"  # sitecustomize runs in every Python the script starts
     blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(WITHOUT_TENSORFLOW_AND_MLFLOW)
+    started = tmp_path / "pythons-started"  # shows the blocker was loaded, not left off PYTHONPATH by the script
+    (blocker / "sitecustomize.py").write_text(WITHOUT_TENSORFLOW_AND_MLFLOW
+                                              + f"open({str(started)!r}, 'a').write('started\\n')\n")
     env = {**jax_env(cli_env(tmp_path, data_dir)), "PYTHONPATH": str(blocker), "PY": sys.executable,
            "RATES": "1e-3", "BUDGET": "900", "WORKERS": "1", "EXTRA": " ".join(args)}
     out = subprocess.run(["bash", str(repo / "scripts" / "gpu" / "train_detectors.sh"), str(pack),
@@ -178,6 +180,7 @@ def test_gpu_route_needs_neither_tensorflow_nor_mlflow_and_comes_back_with_train
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = (out_dir / "train.log").read_text()
     assert "detector epoch 2: val mAP@0.5" in out.stdout and "--trained " + str(out_dir) in log
+    assert started.read_text().count("started") >= 2  # the import check and the training, both JAX-only
     record = json.loads((out_dir / "train_config.json").read_text())
     assert record["backend"] == "jax" and record["epochs_run"] == 2 and record["best_epoch"] == 2
     assert record["detector_train"]["learning_rate"] == 1e-3
