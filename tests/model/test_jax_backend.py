@@ -3,10 +3,13 @@ maskwatch's own code on this CPU (each in a subprocess, since a process's Keras 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 pytest.importorskip("jax", reason="jax is in the dev extra for Python >= 3.11")
@@ -166,7 +169,14 @@ def test_gpu_route_needs_neither_tensorflow_nor_mlflow_and_comes_back_with_train
                             capture_output=True, text=True, timeout=300,
                             env={**cli_env(tmp_path, data_dir), "PYTHON": sys.executable})
     assert packed.returncode == 0, packed.stderr[-3000:]
-    assert len(list((pack / "data" / "images").iterdir())) == len(list((data_dir / "images").iterdir()))
+    originals = sorted((data_dir / "images").iterdir())
+    packed_photos = [pack / "data" / "images" / original.name for original in originals]
+    assert all(photo.is_file() for photo in packed_photos)
+    for original, photo in list(zip(originals, packed_photos))[::40]:  # re-encoded or copied: the same pixels
+        assert np.array_equal(cv2.imread(str(original)), cv2.imread(str(photo))), photo.name
+    if shutil.which("jpegtran"):
+        assert "losslessly" in packed.stdout
+        assert sum(p.stat().st_size for p in packed_photos) < 0.95 * sum(p.stat().st_size for p in originals)
     blocker = tmp_path / "jax-only"  # sitecustomize runs in every Python the script starts
     blocker.mkdir()
     started = tmp_path / "pythons-started"  # shows the blocker was loaded, not left off PYTHONPATH by the script
