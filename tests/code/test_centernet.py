@@ -84,6 +84,50 @@ def test_learning_rate_warms_up_then_decays_to_one_percent():
     assert learning_rate_at(1.0, 99, config) == pytest.approx(1e-5)
 
 
+def simulated_budget_run(budget_s: float, first_epoch_s: float, epoch_s: float, val_every: int, val_s: float,
+                         first_val_s: float) -> tuple[list[float], float]:
+    """Runs a BudgetClock through a time-boxed training whose clock is advanced by the given costs, as the
+    Schedule callback drives it: (the progress each epoch started with, the seconds the run took)."""
+    from maskwatch.train_detector import BudgetClock
+
+    clock, now, progresses, epoch = BudgetClock(budget_s, window=2 * val_every), 0.0, [], 0
+    clock.start(now)
+    while True:
+        clock.epoch_began(now)
+        progresses.append(clock.progress(epoch, now))
+        now += first_epoch_s if epoch == 0 else epoch_s
+        epoch += 1
+        if epoch % val_every == 0:
+            now += first_val_s if epoch == val_every else val_s
+        if not clock.another_epoch_fits(now):
+            return progresses, now
+
+
+def test_a_time_budget_spends_its_schedule_on_epochs_not_on_compiling():
+    # The H200 run's costs: 136 s to compile the first epoch, 75 s the first val mAP, then 1.4 s an epoch.
+    progresses, seconds = simulated_budget_run(480, first_epoch_s=136, epoch_s=1.4, val_every=5, val_s=0.6,
+                                               first_val_s=75)
+    epochs = len(progresses)
+    assert abs(epochs - (1 + (480 - 136 - 75) / 1.52)) <= 2 and seconds <= 480  # 1.52 s: an epoch and 1/5 val
+    assert progresses[6] < 0.06  # counted in seconds it was 218 / 480 = 0.45 here
+    assert progresses[epochs // 2] == pytest.approx(0.5, abs=0.05)
+    assert progresses[-1] > 0.97 and all(b >= a for a, b in zip(progresses, progresses[1:]))
+
+
+def test_a_budget_clock_without_a_pace_waits_and_stops_before_overrunning():
+    from maskwatch.train_detector import BudgetClock
+
+    clock = BudgetClock(100)
+    clock.start(0.0)
+    clock.epoch_began(0.0)
+    assert clock.pace() is None and clock.progress(1, 45.0) == 0.0  # compiling is no progress
+    assert clock.another_epoch_fits(45.0) and not clock.another_epoch_fits(55.0)  # the first epoch took 45/55 s
+    clock.epoch_began(55.0)
+    clock.epoch_began(65.0)
+    assert clock.pace() == pytest.approx(10.0) and clock.progress(2, 65.0) == pytest.approx(2 / (2 + 3.5))
+    assert clock.progress(3, 120.0) == 1.0 and not clock.another_epoch_fits(95.0)
+
+
 def test_best_epoch_follows_the_checkpoint_metric():
     from maskwatch.train_detector import DetectorHistory, best_epoch
 
