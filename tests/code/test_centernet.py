@@ -86,20 +86,24 @@ def test_learning_rate_warms_up_then_decays_to_one_percent():
 
 def simulated_budget_run(budget_s: float, first_epoch_s: float, epoch_s: float, val_every: int, val_s: float,
                          first_val_s: float) -> tuple[list[float], float]:
-    """Runs a BudgetClock through a time-boxed training whose clock is advanced by the given costs, as the
-    Schedule callback drives it: (the progress each epoch started with, the seconds the run took)."""
+    """Runs a BudgetClock through a time-boxed training whose clock is advanced by the given costs, in the
+    callbacks' order (the stop decision, then val mAP, which a last epoch always gets): (the progress each epoch
+    started with, the seconds the run took)."""
     from maskwatch.train_detector import BudgetClock
 
-    clock, now, progresses, epoch = BudgetClock(budget_s, window=2 * val_every), 0.0, [], 0
+    clock, now, progresses, epoch, measured = BudgetClock(budget_s, window=2 * val_every), 0.0, [], 0, False
     clock.start(now)
     while True:
         clock.epoch_began(now)
         progresses.append(clock.progress(epoch, now))
         now += first_epoch_s if epoch == 0 else epoch_s
         epoch += 1
-        if epoch % val_every == 0:
-            now += first_val_s if epoch == val_every else val_s
-        if not clock.another_epoch_fits(now):
+        clock.epoch_ended(now)
+        last = not clock.another_epoch_fits(now)
+        if epoch % val_every == 0 or last:
+            now += val_s if measured else first_val_s
+            measured = True
+        if last:
             return progresses, now
 
 
@@ -114,14 +118,26 @@ def test_a_time_budget_spends_its_schedule_on_epochs_not_on_compiling():
     assert progresses[-1] > 0.97 and all(b >= a for a, b in zip(progresses, progresses[1:]))
 
 
+@pytest.mark.parametrize("budget_s, first_epoch_s, epoch_s, val_s, first_val_s, least_epochs", [
+    (195, 104.5, 1.3, 0.6, 75, 10),  # the second H200 run: one training alone, compiling for half the budget
+    (480, 136, 1.4, 0.6, 75, 170),  # the first: two side by side
+    (3600, 81, 60, 30, 30, 50),  # 2 CPU cores: no compiling to speak of, val mAP half an epoch
+])
+def test_a_time_budget_ends_within_it_with_the_schedule_run_out(budget_s, first_epoch_s, epoch_s, val_s,
+                                                                  first_val_s, least_epochs):
+    progresses, seconds = simulated_budget_run(budget_s, first_epoch_s, epoch_s, 5, val_s, first_val_s)
+    assert len(progresses) >= least_epochs and budget_s - 2 * (epoch_s + val_s) <= seconds <= budget_s
+    assert progresses[-1] > 0.8 and all(b >= a for a, b in zip(progresses, progresses[1:]))
+
+
 def test_a_budget_clock_without_a_pace_waits_and_stops_before_overrunning():
     from maskwatch.train_detector import BudgetClock
 
     clock = BudgetClock(100)
     clock.start(0.0)
     clock.epoch_began(0.0)
-    assert clock.pace() is None and clock.progress(1, 45.0) == 0.0  # compiling is no progress
-    assert clock.another_epoch_fits(45.0) and not clock.another_epoch_fits(55.0)  # the first epoch took 45/55 s
+    assert clock.pace() is None and clock.progress(1, 55.0) == 0.0  # compiling is no progress
+    assert clock.another_epoch_fits(55.0) and not clock.another_epoch_fits(100.0)  # the first epoch is no pace
     clock.epoch_began(55.0)
     clock.epoch_began(65.0)
     assert clock.pace() == pytest.approx(10.0) and clock.progress(2, 65.0) == pytest.approx(2 / (2 + 3.5))
