@@ -35,18 +35,6 @@ def with_heads(detector, heads):
     return variant
 
 
-def flipped_heads(plain_heads):
-    """Heads (a function of the letterboxed image), averaged with those of the mirrored image (mirrored back)."""
-    from maskwatch.centernet import OFFSET_CHANNELS
-
-    def heads(boxed: np.ndarray) -> np.ndarray:
-        mirrored = plain_heads(np.ascontiguousarray(boxed[:, ::-1]))[:, ::-1].copy()
-        mirrored[..., OFFSET_CHANNELS.start] = 1.0 - mirrored[..., OFFSET_CHANNELS.start]  # x within the cell
-        return 0.5 * (plain_heads(boxed) + mirrored)
-
-    return heads
-
-
 def averaged_heads(detectors):
     """The heads of several trained detectors for the same image, averaged: an ensemble with one decoding."""
 
@@ -85,14 +73,15 @@ def main(argv=None):
     if not args.ensemble and (asked := set(args.variants or []) & set(ENSEMBLE_VARIANTS)):
         parser.error(f"--variants: {sorted(asked)} need --ensemble")
 
+    from maskwatch.centernet import flip_averaged
     from maskwatch.detect import MaskDetector, create_face_detector, for_evaluation, ranking_face_score_power
     from maskwatch.evaluate import evaluate_detection
 
     settings, prepared, predictor = detection_setup(args.model, args.runtime)
-    config = for_evaluation(settings.detector.model_copy(update={"backend": "centernet",
+    config = for_evaluation(settings.detector.model_copy(update={"backend": "centernet", "trained_flip": False,
                                                                  "trained_model_path": args.detector}))
     plain_detector = create_face_detector(config)
-    flip_detector = with_heads(plain_detector, flipped_heads(plain_detector.heads))
+    flip_detector = with_heads(plain_detector, flip_averaged(plain_detector.heads))
     flip_predictor = FlipAveragedPredictor(predictor)
     variants = dict(zip(SINGLE_VARIANTS, [(plain_detector, predictor), (flip_detector, predictor),
                                           (plain_detector, flip_predictor), (flip_detector, flip_predictor)]))
@@ -101,7 +90,7 @@ def main(argv=None):
                                       for path in args.ensemble]
         averaged = averaged_heads(members)
         ensemble = with_heads(plain_detector, averaged)
-        ensemble_flip = with_heads(plain_detector, flipped_heads(averaged))
+        ensemble_flip = with_heads(plain_detector, flip_averaged(averaged))
         variants.update(zip(ENSEMBLE_VARIANTS, [(ensemble, predictor), (ensemble_flip, predictor)]))
     if args.variants:
         variants = {name: pair for name, pair in variants.items() if name == "plain" or name in args.variants}

@@ -40,6 +40,24 @@ def letterbox(image: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(resized, dtype=np.uint8), scale
 
 
+def mirrored_heads(heads: np.ndarray) -> np.ndarray:
+    """Output maps of a mirrored image, mirrored back: what they say about the image itself (a centre at
+    offset x within its cell sits at 1 - x in the mirrored cell)."""
+    mirrored = heads[:, ::-1].copy()
+    mirrored[..., OFFSET_CHANNELS.start] = 1.0 - mirrored[..., OFFSET_CHANNELS.start]
+    return mirrored
+
+
+def flip_averaged(heads_of):
+    """A heads function (letterboxed image -> output maps) that also looks at the mirrored image and averages
+    the two maps: horizontal-flip test-time augmentation, one decoding."""
+
+    def heads(boxed: np.ndarray) -> np.ndarray:
+        return 0.5 * (heads_of(boxed) + mirrored_heads(heads_of(np.ascontiguousarray(boxed[:, ::-1]))))
+
+    return heads
+
+
 def find_peaks(heat: np.ndarray, score_threshold: float, max_peaks: int) -> tuple[np.ndarray, np.ndarray]:
     """Local maxima (3x3) of a heat map at or above the threshold, best first: (rows, cols)."""
     local_max = cv2.dilate(heat, np.ones((3, 3), np.uint8))

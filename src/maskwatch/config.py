@@ -163,6 +163,10 @@ class DetectorConfig(_Section):
         0.5, ge=0.0, le=1.0,
         description="backend 'centernet': weight of its own class probabilities against the classifier's in "
                     "their weighted geometric mean (chosen on the val photos; YuNet gives none).")
+    trained_flip: bool = Field(
+        False, description="backend 'centernet': also run it on the mirrored photo and average the two maps "
+                           "(twice the detector's time). Helps some models and not others: check on val with "
+                           "benchmarks/test_time_augmentation.py.")
     trained_face_score_power: float = Field(
         0.5, gt=0.0, le=4.0,
         description="backend 'centernet': in detection mAP a found face scores face score ** power x class "

@@ -314,7 +314,16 @@ class TrainedFaceDetector:
         self._input = self._session.get_inputs()[0].name
 
     def heads(self, boxed: np.ndarray) -> np.ndarray:
-        """The network's output maps (H/4 x W/4 x channels) for one letterboxed uint8 image."""
+        """The network's output maps (H/4 x W/4 x channels) for one letterboxed uint8 image, averaged with the
+        mirrored image's when detector.trained_flip is on."""
+        if self.config.trained_flip:
+            from maskwatch.centernet import flip_averaged
+
+            return flip_averaged(self.network_heads)(boxed)
+        return self.network_heads(boxed)
+
+    def network_heads(self, boxed: np.ndarray) -> np.ndarray:
+        """One pass of the network (H/4 x W/4 x channels) over one letterboxed uint8 image."""
         return self._session.run(None, {self._input: boxed[None].astype(np.float32)})[0][0]
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:

@@ -39,6 +39,30 @@ def test_decoding_perfect_heads_gives_back_the_boxes_and_classes():
     np.testing.assert_array_equal(probabilities[order].argmax(axis=1), labels[expected_order])
 
 
+def test_flip_averaging_a_perfect_network_gives_back_its_boxes():
+    """A network that sees the same faces in the mirrored photo, where they are, is averaged with itself: the
+    mirrored maps must be mirrored back with each centre's offset within its cell mirrored too."""
+    width, height = 192, 128
+    boxes = np.array([[10.0, 12.0, 23.0, 27.0], [101.0, 40.0, 160.0, 110.0], [150.5, 90.0, 156.5, 96.0]],
+                     np.float32)  # centres at 16.5, 130.5 and 153.5 px: offsets 0.125, 0.625, 0.375 of a cell
+    labels = np.array([0, 2, 1])
+    mirrored_boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+
+    def network(image: np.ndarray) -> np.ndarray:  # the marker pixel says which way round the photo is
+        seen = boxes if image[0, 0, 0] == 255 else mirrored_boxes
+        return perfect_heads(encode_targets(seen, labels, height // centernet.STRIDE, width // centernet.STRIDE))
+
+    image = np.zeros((height, width, 3), np.uint8)
+    image[0, 0] = 255
+    averaged = centernet.flip_averaged(network)(image)
+    maps = slice(0, centernet.OFFSET_CHANNELS.start)  # offsets matter only at the centres: decoding checks them
+    np.testing.assert_allclose(averaged[..., maps], network(image)[..., maps], atol=1e-6)
+    found, _, probabilities = centernet.decode(averaged, 1.0, score_threshold=0.5)
+    order = np.argsort(found[:, 0])
+    np.testing.assert_allclose(found[order], boxes, atol=1e-3)
+    np.testing.assert_array_equal(probabilities[order].argmax(axis=1), labels)
+
+
 def test_find_peaks_keeps_local_maxima_above_the_threshold_best_first():
     heat = np.zeros((8, 8), np.float32)
     heat[2, 2], heat[2, 3] = 0.9, 0.8  # 0.8 sits beside a higher neighbour: not a peak

@@ -284,6 +284,38 @@ def test_trained_detector_plugs_in_by_configuration(detector_job, data_dir):
     assert all(d.label == max(d.probabilities, key=d.probabilities.get) for d in detections)
 
 
+def test_flip_averaging_sees_a_mirrored_photo_as_the_photo_mirrored(detector_job, data_dir):
+    """detector.trained_flip: the network's maps are averaged with the mirrored photo's, so a mirrored photo
+    gives the same faces mirrored, whatever the network learnt (it needs a photo whose letterbox pads no
+    columns: long side = input side, a multiple of 32)."""
+    import cv2
+
+    from maskwatch.detect import create_face_detector
+    from maskwatch.preprocessing import read_image
+
+    work, _, _, _ = detector_job
+    onnx_file = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.onnx"))
+    photo = read_image(data_dir / "images" / "maksssksksss13.jpg")
+    height, width = photo.shape[:2]
+    assert width > height
+    image = cv2.resize(photo, (192, round(height * 192 / width)), interpolation=cv2.INTER_AREA)
+    config = DetectorConfig(backend="centernet", trained_model_path=onnx_file, trained_input_side=192,
+                            trained_score_threshold=0.05, min_face_size=1)
+    flipping = create_face_detector(config.model_copy(update={"trained_flip": True}), num_threads=1)
+    faces, mirrored_faces = flipping.detect(image), flipping.detect(np.ascontiguousarray(image[:, ::-1]))
+    assert 0 < len(faces) < 200  # under decode's cap, so ties at the cap cannot pick different peaks
+    back = np.array([(192 - x1, y0, 192 - x0, y1, face.score) for face in mirrored_faces
+                     for x0, y0, x1, y1 in [face.box]])
+    ours = np.array([(*face.box, face.score) for face in faces])
+    assert len(back) == len(ours)
+    for face in ours:  # each has its mirror image: boxes to the pixel (rounding), the same score
+        gaps = np.abs(back - face)
+        assert ((gaps[:, :4] <= 1).all(axis=1) & (gaps[:, 4] <= 1e-5)).any(), face
+    boxed, _ = centernet.letterbox(image, 192)
+    plain = create_face_detector(config, num_threads=1)
+    assert not np.allclose(plain.heads(boxed), flipping.heads(boxed), atol=1e-3)  # the setting does something
+
+
 def test_train_detector_refuses_a_missing_trained_file(detector_job):
     work, env, args, _ = detector_job
     out = subprocess.run([MASKWATCH, "train-detector", "--trained", str(work / "nope.keras"), *args],
