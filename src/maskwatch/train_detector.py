@@ -336,7 +336,8 @@ class BudgetClock:
 
     def val_reserve(self, pace: float) -> float:
         """The time of the latest val mAP measurement (a gap from an epoch's end to the next's start over 5% of
-        an epoch), from the second on: the first compiles (75 s on the H200, against 0.6 s after)."""
+        an epoch), from the second on: the first compiles (75 s on the H200, against about 4 s after). Until
+        then none is kept, so a run that ends before its second can overrun by an epoch and two val mAPs."""
         gaps = [begin - end for end, begin in zip(self.epoch_ends, self.epoch_starts[1:])]
         measurements = [gap for gap in gaps if gap > 0.05 * pace]
         return measurements[-1] if len(measurements) > 1 else 0.0
@@ -360,12 +361,15 @@ class BudgetClock:
             return 0.0
         return epochs_done / (epochs_done + left / pace)
 
-    def another_epoch_fits(self, now: float) -> bool:
-        """Whether the time left holds one more epoch at the recent pace and the val mAP that ends the run.
-        Before there is a pace, any time left will do: the first epoch's time is mostly compiling (on an H200
-        it took 104 s of a 195 s budget, and taken as the pace it ended the run after that one epoch)."""
+    def another_epoch_fits(self, now: float, val_due: bool = False) -> bool:
+        """Whether the time left holds one more epoch at the recent pace and the val mAP that ends the run, and
+        the one this epoch is due (`val_due`), which runs after this decision. Before there is a pace, any time
+        left will do: the first epoch's time is mostly compiling (on an H200 it took 104 s of a 195 s budget,
+        and taken as the pace it ended the run after that one epoch)."""
         pace, left = self.pace(), self.seconds_left(now)
-        return left >= pace + self.val_reserve(pace) if pace is not None else left > 0
+        if pace is None:
+            return left > 0
+        return left >= pace + (2 if val_due else 1) * self.val_reserve(pace)
 
 
 def _callbacks(config: DetectorTrainConfig, model_path: Path, history: DetectorHistory, extra: list,
@@ -401,7 +405,8 @@ def _callbacks(config: DetectorTrainConfig, model_path: Path, history: DetectorH
                   + "  ".join(f"{k} {v:.4g}" for k, v in record.items())
                   + f"  {history.epoch_seconds[-1]:.1f}s  (elapsed {elapsed:.0f}s)", flush=True)
             if (config.time_budget_s and epoch + 1 < config.epochs
-                    and not self.clock.another_epoch_fits(time.perf_counter())):
+                    and not self.clock.another_epoch_fits(time.perf_counter(),
+                                                          val_due=(epoch + 1) % config.val_map_every == 0)):
                 history.stopped_by_budget = True
                 self.model.stop_training = True
 
