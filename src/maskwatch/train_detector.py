@@ -437,17 +437,22 @@ class ValidationScoring:
 def validation_map(model, photos: DetectionPhotos, side: int, scoring: ValidationScoring, batch_size: int,
                    class_names=CLASS_NAMES) -> float:
     """The detector alone on the val photos, as serving runs it: letterboxed to `side`, peaks and per-class
-    scores as `scoring` says (evaluate.face_class_scores, one hypothesis per face and class); mAP@0.5."""
-    import keras
+    scores as `scoring` says (evaluate.face_class_scores, one hypothesis per face and class); mAP@0.5.
 
+    Batches go through the model's compiled predict step (`predict_on_batch`), all of one shape (a short last
+    batch is padded with blank canvases), so it is compiled once. Calling the model eagerly instead took 1.6x as
+    long a pass under TensorFlow and 1.4x under JAX on CPU, with 3-5x the memory, for the same mAP
+    (benchmarks/results/detector_validation_predict_step.txt); JAX compiles an eager call op by op per shape."""
     from maskwatch.centernet import decode
     from maskwatch.evaluate import PhotoDetections, average_precision_50, face_class_scores
 
     scored = []
     for start in range(0, len(photos), batch_size):
         chunk = range(start, min(start + batch_size, len(photos)))
-        canvases = np.stack([letterboxed_sample(photos.images[i], photos.boxes[i], side)[0] for i in chunk])
-        heads = keras.ops.convert_to_numpy(model(canvases.astype(np.float32), training=False))
+        canvases = np.full((batch_size, side, side, 3), PAD_VALUE, np.float32)
+        for slot, i in enumerate(chunk):
+            canvases[slot] = letterboxed_sample(photos.images[i], photos.boxes[i], side)[0]
+        heads = np.asarray(model.predict_on_batch(canvases))
         for i, out in zip(chunk, heads):
             height, width = photos.images[i].shape[:2]
             boxes, scores, probabilities = decode(out, side / max(height, width), scoring.score_threshold)

@@ -109,8 +109,22 @@ def photos_of_every_class(data_dir):
     return photos_from_faces(train[train.photo_id.isin(picks)], progress=False)
 
 
+class _Replay:
+    """A stand-in network for validation_map: the given maps, one per photo in turn, then blank maps for the
+    blank canvases that pad a short last batch. It records the shape of each batch it is given."""
+
+    def __init__(self, heads: list[np.ndarray], side: int):
+        self.heads, self.side, self.shapes = iter(heads), side, []
+        self.blank = np.zeros_like(heads[0])
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        assert images.shape[1:] == (self.side, self.side, 3)
+        self.shapes.append(images.shape)
+        return np.stack([next(self.heads, self.blank) for _ in range(len(images))])
+
+
 def _replayed_heads(photos, side: int, scramble_classes: bool = False, true_class_share: float = 1.0,
-                    face_scales=None):
+                    face_scales=None) -> _Replay:
     """A stand-in network that outputs the encoded targets of each val photo in turn (a perfect detector), or
     with the class maps rotated (it finds every face and names every one wrongly). `true_class_share` < 1
     mixes the rotated maps in (each face: its class at that share, the next class at the rest);
@@ -127,12 +141,7 @@ def _replayed_heads(photos, side: int, scramble_classes: bool = False, true_clas
         if face_scales is not None:
             head[..., centernet.FACE_CHANNEL] *= face_scales[i]
         heads.append(head)
-    batches = iter(heads)
-
-    def model(images, training=False):
-        assert not training and images.shape[1:] == (side, side, 3)
-        return np.stack([next(batches) for _ in range(len(images))])
-    return model
+    return _Replay(heads, side)
 
 
 def test_validation_map_scores_what_the_network_outputs(photos_of_every_class):
@@ -141,7 +150,9 @@ def test_validation_map_scores_what_the_network_outputs(photos_of_every_class):
     photos = photos_of_every_class
     assert {int(c) for labels in photos.labels for c in labels} == {0, 1, 2}
     scoring = ValidationScoring(score_threshold=0.05)
-    perfect = validation_map(_replayed_heads(photos, 640), photos, 640, scoring, batch_size=3)
+    replay = _replayed_heads(photos, 640)
+    perfect = validation_map(replay, photos, 640, scoring, batch_size=3)
+    assert len(photos) % 3 and set(replay.shapes) == {(3, 640, 640, 3)}  # a short last batch too: one shape
     wrong = validation_map(_replayed_heads(photos, 640, scramble_classes=True), photos, 640, scoring, batch_size=3)
     assert perfect > 0.9, perfect  # faces sharing a stride-4 cell are the only ones a perfect map can lose
     assert wrong < 0.5, wrong  # every true class is still there, ranked below all the wrong ones

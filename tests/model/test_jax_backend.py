@@ -76,6 +76,37 @@ np.save(sys.argv[1], np.concatenate([b.numpy() for b in batches]))
     assert np.abs(under_jax - source).mean() > 1.0  # augmented, not passed through
 
 
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_the_compiled_predict_step_sees_each_epochs_weights_as_an_eager_call_does(backend):
+    """validation_map runs inside fit through predict_on_batch: at each epoch's end it must give what calling
+    the model gives, with that epoch's weights (under JAX, fit keeps its own copy of the state while it runs)."""
+    script = """
+import json, keras, numpy as np
+from maskwatch.centernet import OUTPUT_CHANNELS
+from maskwatch.train_detector import build_face_detector
+model = build_face_detector(weights=None)
+model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+rng = np.random.default_rng(0)
+x = rng.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+y = rng.uniform(0, 1, (8, 16, 16, OUTPUT_CHANNELS)).astype("float32")
+outputs = []
+class Compare(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        compiled = np.asarray(self.model.predict_on_batch(x[:4]))
+        eager = keras.ops.convert_to_numpy(self.model(x[:4], training=False))
+        outputs.append((compiled, float(np.abs(compiled - eager).max())))
+model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[Compare()])
+print(json.dumps({"backend": keras.backend.backend(), "gaps": [gap for _, gap in outputs],
+                  "moved": float(np.abs(outputs[0][0] - outputs[1][0]).max())}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**jax_env(), "KERAS_BACKEND": backend})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["backend"] == backend and len(seen["gaps"]) == 2 and max(seen["gaps"]) < 1e-5, seen
+    assert seen["moved"] > 1e-3, seen  # the weights did move between the two epochs
+
+
 @pytest.mark.slow
 def test_train_job_runs_under_jax_and_its_model_serves_under_either_backend(tmp_path, data_dir):
     """The classifier's whole job under JAX: training, the LiteRT export (a TensorFlow subprocess), MLflow with
