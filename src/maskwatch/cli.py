@@ -340,7 +340,7 @@ def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
     paths below the folder the clashing photos share, so that no annotated copy overwrites another."""
     from collections import defaultdict
 
-    from maskwatch.preprocessing import IMAGE_SUFFIXES, images_in
+    from maskwatch.preprocessing import IMAGE_SUFFIXES, is_photo, visible_files
 
     photos = []
     for path in paths:
@@ -349,10 +349,11 @@ def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
         if not path.is_dir():
             photos.append((path, Path(path.name)))
             continue
-        found = images_in(path)
+        files = visible_files(path)  # one walk: the photos (images_in's), and the rest to name as skipped
+        found = [file for file in files if is_photo(file)]
         if not found:
             _fail(f"{path}: no photos in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
-        _note_skipped(path, found)
+        _note_skipped(path, [file for file in files if not is_photo(file)])
         photos += [(photo, photo.relative_to(path)) for photo in found]
     resolved = [photo.resolve() for photo, _ in photos]
     by_name = defaultdict(set)
@@ -366,12 +367,11 @@ def _photos_to_predict(paths: list[Path]) -> list[tuple[Path, Path]]:
     return [(photo, renamed.get(real, name)) for (photo, name), real in zip(photos, resolved)]
 
 
-def _note_skipped(folder: Path, photos: list[Path]) -> None:
+def _note_skipped(folder: Path, others: list[Path]) -> None:
     """Says which files of a folder are not read for their suffix, so that a .gif or .heic is not lost unseen."""
-    from maskwatch.preprocessing import IMAGE_SUFFIXES, visible_files
+    from maskwatch.preprocessing import IMAGE_SUFFIXES
 
-    kept = set(photos)
-    skipped = [path.relative_to(folder).as_posix() for path in visible_files(folder) if path not in kept]
+    skipped = [path.relative_to(folder).as_posix() for path in others]
     if skipped:
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
         err(f"{folder}: skipped {len(skipped)} file(s) that are not photos by their suffix ({shown}); "

@@ -118,9 +118,14 @@ def visible_files(folder: str | Path) -> list[Path]:
                   if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
+def is_photo(path: Path) -> bool:
+    """Whether a file is read as a photo: by its suffix, in any case."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def images_in(folder: str | Path) -> list[Path]:
     """The photos under a folder (visible_files with a photo's suffix)."""
-    return [path for path in visible_files(folder) if path.suffix.lower() in IMAGE_SUFFIXES]
+    return [path for path in visible_files(folder) if is_photo(path)]
 
 
 def crop_box(

@@ -119,8 +119,8 @@ def test_read_image_names_the_file(tmp_path):
 
 
 def test_images_in_and_visible_files_skip_hidden_paths(tmp_path):
-    """predict reads images_in's photos and names the rest of visible_files as skipped; hidden files and
-    folders (.git, .DS_Store, editors' swap files) are neither read nor named."""
+    """predict reads the photos of visible_files (is_photo, as images_in) and names the rest as skipped; hidden
+    files and folders (.git, .DS_Store, editors' swap files) are neither read nor named."""
     for name in ("a.jpg", "sub/B.PNG", "sub/notes.txt", "anim.gif", ".hidden.jpg", ".cache/c.jpg", "sub/.swp"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
