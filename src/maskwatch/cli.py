@@ -163,6 +163,13 @@ def train_detector_command(
     settings = _settings(config, preset, set_, data_dir, tracking_uri, work_dir)
     if trained is not None and not trained.is_file():
         _fail(f"no trained detector at {trained}")
+    if trained is None and settings.detector_train.initial_model is not None:
+        from maskwatch.train_detector import check_initial_model
+
+        try:
+            check_initial_model(settings.detector_train.initial_model)
+        except FileNotFoundError as error:
+            _fail(str(error))
     if train_only is not None:
         if trained is not None:
             _fail("--train-only trains a detector and --trained takes one trained elsewhere: give one of them")
@@ -179,11 +186,12 @@ def train_detector_command(
 
 
 def _train_detector_only(settings: Settings, output_dir: Path) -> None:
+    from maskwatch.detect import DetectorModelError
     from maskwatch.pipeline import train_detector_only
 
     try:
         history, record, model_file = train_detector_only(settings, output_dir)
-    except _known_errors() as error:
+    except (DetectorModelError, *_known_errors()) as error:
         _fail(str(error))
     typer.echo(f"trained {len(history.epochs)} epochs ({record['backend']} backend), kept epoch "
                f"{record['best_epoch']}: {model_file}\nexport, score and log it where MLflow and TensorFlow are "

@@ -199,6 +199,9 @@ class DetectorTrainConfig(_Section):
                                  "by), or lowest val loss.")
     val_map_every: int = Field(5, ge=1, description="Measure val mAP every this many epochs, and at the last one.")
     seed: int = Field(42, description="Weights and augmentation: the same seed draws the same batches.")
+    initial_model: Path | None = Field(
+        None, description="Start from this face_detector.keras instead of the ImageNet backbone: continue a run "
+                          "with a low learning_rate and warmup_epochs=0, or fine-tune on new photos.")
 
 
 class ServeConfig(_Section):

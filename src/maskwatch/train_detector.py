@@ -502,6 +502,42 @@ def save_inference_model(weights_file: Path, model_path: Path):
     return model
 
 
+def check_initial_model(initial_model: Path) -> Path:
+    """detector_train.initial_model as a file to load, or a clear error before any photo is read."""
+    initial_model = Path(initial_model)
+    if initial_model.suffix != ".keras" or not initial_model.is_file():
+        raise FileNotFoundError(f"detector_train.initial_model must be a face_detector.keras file: {initial_model}")
+    return initial_model
+
+
+def load_initial_weights(model, initial_model: Path) -> None:
+    """The weights of a saved face_detector.keras, into a freshly built detector of the same shape."""
+    import zipfile
+
+    from maskwatch.detect import DetectorModelError
+
+    try:
+        with warnings.catch_warnings():  # Keras warns of each layer it skips before it raises: the error says it
+            warnings.simplefilter("ignore")
+            model.load_weights(check_initial_model(initial_model))
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:  # another network, or no Keras file
+        raise DetectorModelError(f"{initial_model} holds no face detector this version can start from: "
+                                 f"{error}") from error
+
+
+def initial_model_photos(config: DetectorTrainConfig) -> set[str]:
+    """The photos the starting model was trained on (from its train_config.json), so that evaluation still
+    warns when a test photo shaped the weights through it."""
+    import json
+
+    if config.initial_model is None:
+        return set()
+    record_file = Path(config.initial_model).parent / TRAIN_RECORD
+    if not record_file.is_file():
+        return set()
+    return set(json.loads(record_file.read_text()).get("trained_on_photos", []))
+
+
 def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path: Path,
                         config: DetectorTrainConfig, weights: str | None = "imagenet",
                         extra_callbacks: list = (), val_scoring: ValidationScoring = ValidationScoring()
@@ -514,7 +550,11 @@ def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path
     keras.utils.set_random_seed(config.seed)
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    model = build_face_detector(weights=weights, backbone_batchnorm=config.backbone_batchnorm)
+    if config.initial_model is not None:
+        model = build_face_detector(weights=None, backbone_batchnorm=config.backbone_batchnorm)
+        load_initial_weights(model, config.initial_model)
+    else:
+        model = build_face_detector(weights=weights, backbone_batchnorm=config.backbone_batchnorm)
 
     def loss(y_true, y_pred):
         return detection_loss(y_true, y_pred, config.class_weights)
@@ -574,7 +614,7 @@ def write_train_record(model_path: Path, config: DetectorTrainConfig, history: D
               "stopped_by_budget": history.stopped_by_budget,
               "best_epoch": best_epoch(history, config.checkpoint_metric), "val_scoring": asdict(val_scoring),
               # what it must not be scored on: evaluation warns when a split's test photos are among them
-              "trained_on_photos": sorted(set(train.photo_ids) | set(val.photo_ids))}
+              "trained_on_photos": sorted(set(train.photo_ids) | set(val.photo_ids) | initial_model_photos(config))}
     (Path(model_path).parent / TRAIN_RECORD).write_text(json.dumps(record, indent=2))
     return record
 

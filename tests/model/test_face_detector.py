@@ -433,6 +433,52 @@ def test_train_only_refuses_trained_and_a_folder_with_a_model(detector_job, tmp_
     assert (tmp_path / "out" / "face_detector.keras").read_bytes() == b"weeks of work"
 
 
+def test_train_only_continues_from_an_initial_model(detector_job, tmp_path):
+    """detector_train.initial_model: training starts from that detector's weights, not the ImageNet backbone,
+    and the photos it was trained on stay listed (evaluation warns by them)."""
+    import shutil
+
+    work, env, args, _ = detector_job
+    first = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.keras"))
+    start = tmp_path / "start" / "face_detector.keras"
+    start.parent.mkdir()
+    shutil.copy2(first, start)
+    first_record = json.loads((first.parent / "train_config.json").read_text())
+    first_record["trained_on_photos"].append("a_photo_of_another_data_set")
+    (start.parent / "train_config.json").write_text(json.dumps(first_record))
+    out = subprocess.run([MASKWATCH, "train-detector", "--train-only", str(tmp_path / "out"), *args,
+                          "--set", f"detector_train.initial_model={start}", "--set", "detector_train.epochs=1",
+                          "--set", "detector_train.warmup_epochs=0", "--set", "detector_train.learning_rate=1e-9"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # At a learning rate of 1e-9 one epoch leaves the start's convolutions where they were; from a fresh start
+    # the heads would hold new random weights.
+    started, continued = (keras.saving.load_model(path, compile=False)
+                          for path in (start, tmp_path / "out" / "face_detector.keras"))
+    for layer in ("heat", "size_conv", "lateral_32"):
+        np.testing.assert_allclose(continued.get_layer(layer).get_weights()[0],
+                                   started.get_layer(layer).get_weights()[0], atol=1e-6)
+    fresh = build_face_detector(weights=None)
+    assert not np.allclose(fresh.get_layer("heat").get_weights()[0], started.get_layer("heat").get_weights()[0],
+                           atol=1e-3)
+    record = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert record["detector_train"]["initial_model"] == str(start)
+    assert "a_photo_of_another_data_set" in record["trained_on_photos"]
+    assert set(first_record["trained_on_photos"]) <= set(record["trained_on_photos"])
+
+
+def test_an_initial_model_that_is_missing_or_no_detector_is_a_clear_error(detector_job, tiny_bundle, tmp_path):
+    work, env, args, _ = detector_job
+    for initial, message in ((tmp_path / "nowhere.keras", "must be a face_detector.keras file"),
+                             (tiny_bundle / "model.keras", "holds no face detector this version can start from")):
+        out = subprocess.run([MASKWATCH, "train-detector", "--train-only", str(tmp_path / "out"), *args,
+                              "--set", f"detector_train.initial_model={initial}"],
+                             capture_output=True, text=True, timeout=600, env=env, cwd=work)
+        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr and "detector epoch" not in out.stdout + out.stderr
+        assert not (tmp_path / "out" / "face_detector.keras").exists()
+
+
 def test_evaluate_warns_about_a_detector_scored_on_photos_it_trained_on(tmp_path, capsys):
     """train_config.json lists the photos a detector trained on; scored on a split that holds some of them, or
     copies of them (one scene), its figures look better than they are."""
