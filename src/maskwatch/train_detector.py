@@ -416,7 +416,8 @@ def _callbacks(config: DetectorTrainConfig, model_path: Path, history: DetectorH
                                                      mode="min", save_best_only=True, save_weights_only=True)
     else:
         checkpoint = validation_map_callback(val, config, best_weights_path(model_path), history, val_scoring)
-    return [Schedule(), checkpoint, *extra]  # in this order: the mAP joins the epoch's record before MLflow's
+    # In this order: the average swapped in first; the mAP joins the epoch's record before MLflow's.
+    return [*weight_average_callbacks(config), Schedule(), checkpoint, *extra]
 
 
 @dataclass(frozen=True)
@@ -510,6 +511,54 @@ def check_initial_model(initial_model: Path) -> Path:
     return initial_model
 
 
+def detector_optimizer(config: DetectorTrainConfig):
+    """AdamW, with a moving average of the weights when detector_train.ema_momentum is set."""
+    import keras
+
+    use_ema = config.ema_momentum is not None
+    return keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay, clipnorm=10.0,
+                                  use_ema=use_ema, ema_momentum=config.ema_momentum if use_ema else 0.99)
+
+
+def weight_average_callbacks(config: DetectorTrainConfig) -> list:
+    """With a weight average: the average sits in the model during validation and from each epoch's end (val
+    mAP, the checkpoint) to the next epoch's start, so these callbacks must come before those.
+
+    Not keras.callbacks.SwapEMAWeights(swap_on_epoch=True): under JAX, after its last-epoch step a weight and
+    its average share one array, which the next predict_on_batch donates, and saving the weights then fails
+    ("Array has been deleted"). Copies through NumPy never share."""
+    import keras
+
+    class SwapInWeightAverage(keras.callbacks.Callback):
+        averaged_in = False
+
+        def swap(self):
+            optimizer = self.model.optimizer
+            for weight, average in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average):
+                raw = keras.ops.convert_to_numpy(weight)
+                weight.assign(keras.ops.convert_to_numpy(average))
+                average.assign(raw)
+            self.averaged_in = not self.averaged_in
+
+        def on_test_begin(self, logs=None):
+            if not self.averaged_in:
+                self.swap()
+
+        def on_test_end(self, logs=None):
+            if self.averaged_in:
+                self.swap()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not self.averaged_in:
+                self.swap()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.averaged_in:
+                self.swap()
+
+    return [SwapInWeightAverage()] if config.ema_momentum is not None else []
+
+
 def load_initial_weights(model, initial_model: Path) -> None:
     """The weights of a saved face_detector.keras, into a freshly built detector of the same shape."""
     import zipfile
@@ -559,9 +608,7 @@ def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path
     def loss(y_true, y_pred):
         return detection_loss(y_true, y_pred, config.class_weights)
 
-    model.compile(optimizer=keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay,
-                                                   clipnorm=10.0),
-                  loss=loss, jit_compile="auto")
+    model.compile(optimizer=detector_optimizer(config), loss=loss, jit_compile="auto")
     history = DetectorHistory()
     model.fit(batch_sampler(train, config, training=True, seed=config.seed),
               validation_data=batch_sampler(val, config, training=False, seed=config.seed),

@@ -107,6 +107,45 @@ print(json.dumps({"backend": keras.backend.backend(), "gaps": [gap for _, gap in
     assert seen["moved"] > 1e-3, seen  # the weights did move between the two epochs
 
 
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_the_weight_average_is_what_each_epochs_end_sees_and_training_goes_on_from_the_raw_weights(backend):
+    """detector_train.ema_momentum: one step an epoch, so the raw weights after each step come from a run without
+    the average; at each epoch's end the callbacks after weight_average_callbacks must see the average of those,
+    and the next step must start from the raw weights, not the average (under JAX, fit keeps its own state)."""
+    script = """
+import json, keras, numpy as np, tempfile
+from maskwatch.config import DetectorTrainConfig
+from maskwatch.train_detector import detector_optimizer, weight_average_callbacks
+x, y = np.ones((1, 1), "float32"), np.zeros((1, 1), "float32")
+def weights_at_epoch_ends(config):
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    model.compile(optimizer=detector_optimizer(config), loss="mse")
+    seen = []
+    class Record(keras.callbacks.Callback):  # as the val mAP callback does: predict, then save the weights
+        def on_epoch_end(self, epoch, logs=None):
+            predicted = float(np.asarray(self.model.predict_on_batch(x))[0, 0])
+            self.model.save_weights(f"{tempfile.mkdtemp()}/kept.weights.h5")
+            seen.append(predicted)
+    model.fit(x, y, batch_size=1, epochs=6, verbose=0, validation_data=(x, y),
+              callbacks=[*weight_average_callbacks(config), Record()])
+    return seen
+raw = weights_at_epoch_ends(DetectorTrainConfig(learning_rate=0.1))
+averaged = weights_at_epoch_ends(DetectorTrainConfig(learning_rate=0.1, ema_momentum=0.5))
+print(json.dumps({"backend": keras.backend.backend(), "raw": raw, "averaged": averaged}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**jax_env(), "KERAS_BACKEND": backend})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["backend"] == backend
+    expected, average = [], None
+    for weight in seen["raw"]:  # Keras' rule: the first step's weights, then 0.5 x average + 0.5 x weights
+        average = weight if average is None else 0.5 * average + 0.5 * weight
+        expected.append(average)
+    assert seen["raw"][-1] < seen["raw"][0] - 0.3  # the weight moved, so the average lags it
+    np.testing.assert_allclose(seen["averaged"], expected, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_train_job_runs_under_jax_and_its_model_serves_under_either_backend(tmp_path, data_dir):
     """The classifier's whole job under JAX: training, the LiteRT export (a TensorFlow subprocess), MLflow with
@@ -214,7 +253,7 @@ def test_gpu_route_needs_neither_tensorflow_nor_mlflow_and_comes_back_with_train
     (blocker / "sitecustomize.py").write_text(WITHOUT_TENSORFLOW_AND_MLFLOW
                                               + f"open({str(started)!r}, 'a').write('started\\n')\n")
     env = {**jax_env(cli_env(tmp_path, data_dir)), "PYTHONPATH": str(blocker), "PY": sys.executable,
-           "RATES": "1e-3", "BUDGET": "900", "WORKERS": "1", "EXTRA": " ".join(args)}
+           "RATES": "1e-3 1e-3_ema", "BUDGET": "900", "WORKERS": "1", "EXTRA": " ".join(args)}
     out = subprocess.run(["bash", str(repo / "scripts" / "gpu" / "train_detectors.sh"), str(pack),
                           str(tmp_path / "gpu-machine")], capture_output=True, text=True, timeout=900, env=env,
                          cwd=tmp_path)
@@ -224,7 +263,10 @@ def test_gpu_route_needs_neither_tensorflow_nor_mlflow_and_comes_back_with_train
     assert started.read_text().count("started") >= 2  # the import check and the training, both JAX-only
     record = json.loads((out_dir / "train_config.json").read_text())
     assert record["backend"] == "jax" and record["epochs_run"] == 2 and record["best_epoch"] == 2
-    assert record["detector_train"]["learning_rate"] == 1e-3
+    assert record["detector_train"]["learning_rate"] == 1e-3 and record["detector_train"]["ema_momentum"] is None
+    averaged = json.loads((out_dir.parent / "lr1e-3_ema" / "train_config.json").read_text())
+    assert averaged["detector_train"]["ema_momentum"] == 0.99 and averaged["epochs_run"] == 2
+    assert averaged["detector_train"]["learning_rate"] == 1e-3
     assert {p.name for p in out_dir.iterdir()} == {"face_detector.keras", "history.csv", "train_config.json",
                                                    "train.log"}  # what comes back; the rest is left there
     assert not (tmp_path / "mlflow.db").exists()
