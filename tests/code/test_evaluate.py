@@ -31,7 +31,29 @@ def test_bootstrap_interval_brackets_recall_and_resamples_photos():
     assert interval["low"] < interval["recall"] < interval["high"]
     assert interval["faces"] == 40 and interval["hits"] == int((y_pred == 2).sum())
     perfect = bootstrap_recall_interval(y_true, y_true, photos, 2, 500, 0.95, seed=0)
-    assert perfect["low"] == perfect["high"] == 1.0
+    assert perfect["high"] == 1.0 and 0.90 < perfect["low"] < 0.92  # Wilson's 40 of 40, not a collapse to 1.0
+
+
+def test_recall_interval_of_a_few_faces_all_right_or_all_wrong_is_wilsons_not_a_point():
+    """Every resample of 4 right faces is 4 of 4, so the bootstrap alone says [1.00, 1.00]."""
+    photos = np.array(["a", "b", "c", "d"])
+    all_right = bootstrap_recall_interval(np.zeros(4, int), np.zeros(4, int), photos, 0, 500, 0.95, seed=0)
+    assert all_right["recall"] == all_right["high"] == 1.0
+    assert all_right["low"] == pytest.approx(0.510, abs=0.001)  # Wilson's score interval for 4 of 4 at 95%
+    all_wrong = bootstrap_recall_interval(np.zeros(4, int), np.ones(4, int), photos, 0, 500, 0.95, seed=0)
+    assert all_wrong["low"] == 0.0 and all_wrong["high"] == pytest.approx(0.490, abs=0.001)
+
+
+def test_recall_interval_stays_the_bootstrap_where_faces_of_a_photo_go_together():
+    """Photos whose faces are all right or all wrong: the photos, not the faces, are the independent draws,
+    so the bootstrap is wider than Wilson's interval over the faces and is what is reported."""
+    from scipy.stats import binomtest
+
+    photos = np.repeat(np.arange(10), 10).astype(str)
+    y_pred = np.where(np.repeat(np.arange(10), 10) < 6, 1, 0)  # 6 photos all right, 4 all wrong
+    interval = bootstrap_recall_interval(np.ones(100, int), y_pred, photos, 1, 2000, 0.95, seed=0)
+    wilson = binomtest(60, 100).proportion_ci(0.95, method="wilson")
+    assert interval["low"] < wilson.low - 0.1 and interval["high"] > wilson.high + 0.1
 
 
 def test_class_bias_shifts_decisions_and_is_tuned_on_held_out_data():
