@@ -240,6 +240,13 @@ def format_summary(result: EvaluationResult, class_names=CLASS_NAMES, split: str
         ci = f"[{interval['low']:.2f}, {interval['high']:.2f}]" if interval else ""
         lines.append(f"{name:<24}{values['precision']:>10.3f}{values['recall']:>10.3f}{values['f1-score']:>10.3f}"
                      f"{int(values['support']):>9}   {ci}")
+    absent = [name for name in class_names if result.per_class[name]["support"] == 0]
+    if absent and len(absent) < len(class_names):
+        # The figure stays over every class, so two models are compared alike; this says what it holds.
+        present = [result.per_class[name]["f1-score"] for name in class_names if name not in absent]
+        lines.append(f"note: no {', '.join(absent)} faces in this split: macro-F1 counts "
+                     f"{'its' if len(absent) == 1 else 'their'} F1 as 0 ({float(np.mean(present)):.3f} over the "
+                     f"{len(present)} classes present)")
     lines.append("confusion matrix (rows true, columns predicted): " + str(result.confusion_matrix))
     if result.calibration:
         lines.append(f"calibration: ECE {result.calibration['ece']:.3f}, Brier {result.calibration['brier']:.3f}, "

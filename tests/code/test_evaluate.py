@@ -22,6 +22,21 @@ def test_metrics_match_hand_count():
     assert "mask_weared_incorrect" in format_summary(result)
 
 
+def test_summary_says_when_macro_f1_counts_a_class_the_split_lacks():
+    """A split without incorrect-mask faces (the 20-photo sample has none in test): macro-F1 stays over the
+    three classes, and the summary says so and gives the figure over the classes present."""
+    y_true = np.array([0, 0, 1, 1])
+    result = evaluate_predictions(y_true, one_hot(np.array([0, 0, 1, 0])), photo_ids=np.arange(4).astype(str),
+                                  bootstrap_samples=100)
+    f1_with, f1_without = 2 * (2 / 3) / (2 / 3 + 1), 2 * 0.5 / 1.5
+    assert np.isclose(result.macro_f1, (f1_with + f1_without + 0) / 3)
+    summary = format_summary(result)
+    assert (f"no mask_weared_incorrect faces in this split: macro-F1 counts its F1 as 0 "
+            f"({(f1_with + f1_without) / 2:.3f} over the 2 classes present)") in summary
+    every_class = evaluate_predictions(np.array([0, 1, 2]), one_hot(np.array([0, 1, 2])))
+    assert "note:" not in format_summary(every_class)
+
+
 def test_bootstrap_interval_brackets_recall_and_resamples_photos():
     rng = np.random.default_rng(0)
     y_true = np.full(40, 2)
