@@ -576,15 +576,19 @@ def load_initial_weights(model, initial_model: Path) -> None:
 
 def initial_model_photos(config: DetectorTrainConfig) -> set[str]:
     """The photos the starting model was trained on (from its train_config.json), so that evaluation still
-    warns when a test photo shaped the weights through it."""
+    warns when a test photo shaped the weights through it. A record that is missing or not maskwatch's gives
+    none, as evaluation reads it: this runs after training, where an error would lose the run."""
     import json
 
     if config.initial_model is None:
         return set()
     record_file = Path(config.initial_model).parent / TRAIN_RECORD
-    if not record_file.is_file():
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
         return set()
-    return set(json.loads(record_file.read_text()).get("trained_on_photos", []))
+    photos = record.get("trained_on_photos") if isinstance(record, dict) else None
+    return {str(photo) for photo in photos} if isinstance(photos, list) else set()
 
 
 def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path: Path,

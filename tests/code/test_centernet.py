@@ -209,3 +209,21 @@ def test_class_fusion_is_a_weighted_geometric_mean():
     weighted = fuse_class_probabilities(classifier, detector, 0.25)
     expected = classifier[0] ** 0.75 * detector[0] ** 0.25
     np.testing.assert_allclose(weighted[0], expected / expected.sum(), rtol=1e-5)
+
+
+def test_a_starting_models_photos_come_from_its_record_and_a_bad_record_gives_none(tmp_path):
+    """Read after training, so a record that is missing or not maskwatch's must not fail the run."""
+    import json
+
+    from maskwatch.train_detector import initial_model_photos
+
+    start = tmp_path / "face_detector.keras"
+    config = DetectorTrainConfig(initial_model=start)
+    assert initial_model_photos(DetectorTrainConfig()) == set()
+    assert initial_model_photos(config) == set()  # no train_config.json beside it
+    record = tmp_path / "train_config.json"
+    record.write_text(json.dumps({"trained_on_photos": ["maksssksksss1", "maksssksksss7"]}))
+    assert initial_model_photos(config) == {"maksssksksss1", "maksssksksss7"}
+    for broken in ("[]", "{not json", '{"trained_on_photos": "maksssksksss1"}', "null"):
+        record.write_text(broken)
+        assert initial_model_photos(config) == set(), broken
