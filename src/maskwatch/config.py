@@ -167,6 +167,10 @@ class DetectorConfig(_Section):
         False, description="backend 'centernet': also run it on the mirrored photo and average the two maps "
                            "(twice the detector's time). Helps some models and not others: check on val with "
                            "benchmarks/test_time_augmentation.py.")
+    trained_nms_iou: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="backend 'centernet': also drop a found face that overlaps a higher-scored one by more than "
+                    "this IoU (1 = off: the heat map's 3x3 peak rule alone, as CenterNet decodes).")
     trained_face_score_power: float = Field(
         0.5, gt=0.0, le=4.0,
         description="backend 'centernet': in detection mAP a found face scores face score ** power x class "

@@ -334,7 +334,8 @@ class TrainedFaceDetector:
         boxes, scores, probabilities = decode(self.heads(boxed), scale, cfg.trained_score_threshold)
         found = [FaceBox(tuple(int(round(float(v))) for v in box), float(score), p)
                  for box, score, p in zip(boxes, scores, probabilities)]
-        return _clip_and_filter(found, image.shape[1], image.shape[0], cfg.min_face_size)
+        found = _clip_and_filter(found, image.shape[1], image.shape[0], cfg.min_face_size)
+        return nms(found, cfg.trained_nms_iou) if cfg.trained_nms_iou < 1.0 else found
 
 
 def for_evaluation(config: DetectorConfig) -> DetectorConfig:

@@ -295,6 +295,33 @@ def test_trained_detector_plugs_in_by_configuration(detector_job, data_dir):
     assert all(d.label == max(d.probabilities, key=d.probabilities.get) for d in detections)
 
 
+def test_trained_nms_drops_only_the_overlapping_lower_scored_faces(detector_job, data_dir):
+    """detector.trained_nms_iou: the 2-epoch detector at a threshold of 0 gives many overlapping peaks; with
+    the setting, no two kept faces overlap by more than it, and each kept face is one the peaks gave."""
+    from maskwatch.detect import create_face_detector
+    from maskwatch.preprocessing import box_iou, read_image
+
+    work, _, _, _ = detector_job
+    onnx_file = next((work / "artifacts" / "runs").glob("*/face_detector/face_detector.onnx"))
+    image = read_image(data_dir / "images" / "maksssksksss13.jpg")
+
+    def faces(iou: float):
+        config = DetectorConfig(backend="centernet", trained_model_path=onnx_file, trained_input_side=192,
+                                trained_score_threshold=0.0, trained_nms_iou=iou)
+        return create_face_detector(config, num_threads=1).detect(image)
+
+    def largest_overlap(found) -> float:
+        boxes = np.array([f.box for f in found], float)
+        return max((box_iou(box, boxes[i + 1:]).max() for i, box in enumerate(boxes[:-1])), default=0.0)
+
+    every_peak, kept = faces(1.0), faces(0.3)
+    assert largest_overlap(every_peak) > 0.3, "the untrained peaks overlap, or the test shows nothing"
+    assert 0 < len(kept) < len(every_peak)
+    assert {(f.box, f.score) for f in kept} <= {(f.box, f.score) for f in every_peak}
+    assert largest_overlap(kept) <= 0.3 + 1e-6
+    assert kept[0].score == max(f.score for f in every_peak)  # the best face always stays
+
+
 def test_flip_averaging_sees_a_mirrored_photo_as_the_photo_mirrored(detector_job, data_dir):
     """detector.trained_flip: the network's maps are averaged with the mirrored photo's, so a mirrored photo
     gives the same faces mirrored, whatever the network learnt (it needs a photo whose letterbox pads no
