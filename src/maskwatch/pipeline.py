@@ -29,7 +29,7 @@ from maskwatch.evaluate import (EvaluationResult, detection_metric_values, evalu
                                 format_summary, plot_confusion_matrix, plot_detection_confusion,
                                 plot_reliability_diagram, predict_probabilities, tune_class_bias)
 from maskwatch.train import TrainingHistory, plot_history, seconds_per_epoch, train_model
-from maskwatch.train_detector import TRAIN_RECORD
+from maskwatch.train_detector import TRAIN_RECORD, recorded_training_photos
 
 if TYPE_CHECKING:
     from maskwatch.train_detector import DetectorHistory
@@ -347,14 +347,8 @@ def run_detector_job(settings: Settings, trained: Path | None = None, classifier
 def detector_trained_on(model_file: Path, split: pd.DataFrame, all_faces: pd.DataFrame) -> set[str]:
     """The photos of `split` that the detector beside its train_config.json trained on, through any copy of them;
     empty when it does not record its photos (trained before maskwatch 0.2)."""
-    record = Path(model_file).parent / TRAIN_RECORD
-    if not record.is_file():
-        return set()
-    try:
-        trained_on = json.loads(record.read_text()).get("trained_on_photos")
-    except (ValueError, AttributeError):  # not JSON, or not the object maskwatch writes
-        return set()
-    return photos_trained_on(split, all_faces, set(trained_on)) if trained_on else set()
+    trained_on = recorded_training_photos(model_file)
+    return photos_trained_on(split, all_faces, trained_on) if trained_on else set()
 
 
 def _trained_elsewhere_record(trained: Path | None) -> tuple[dict | None, DetectorTrainConfig | None]:

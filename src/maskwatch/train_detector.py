@@ -540,21 +540,16 @@ def weight_average_callbacks(config: DetectorTrainConfig) -> list:
                 average.assign(raw)
             self.averaged_in = not self.averaged_in
 
-        def on_test_begin(self, logs=None):
+        def average_in(self, *_args, **_kwargs):  # hooks with (logs) and (epoch, logs)
             if not self.averaged_in:
                 self.swap()
 
-        def on_test_end(self, logs=None):
+        def raw_in(self, *_args, **_kwargs):
             if self.averaged_in:
                 self.swap()
 
-        def on_epoch_end(self, epoch, logs=None):
-            if not self.averaged_in:
-                self.swap()
-
-        def on_epoch_begin(self, epoch, logs=None):
-            if self.averaged_in:
-                self.swap()
+        on_test_begin = on_epoch_end = average_in
+        on_test_end = on_epoch_begin = raw_in
 
     return [SwapInWeightAverage()] if config.ema_momentum is not None else []
 
@@ -574,21 +569,24 @@ def load_initial_weights(model, initial_model: Path) -> None:
                                  f"{error}") from error
 
 
-def initial_model_photos(config: DetectorTrainConfig) -> set[str]:
-    """The photos the starting model was trained on (from its train_config.json), so that evaluation still
-    warns when a test photo shaped the weights through it. A record that is missing or not maskwatch's gives
-    none, as evaluation reads it: this runs after training, where an error would lose the run."""
+def recorded_training_photos(model_file: Path) -> set[str]:
+    """The photos the train_config.json beside a detector says it was trained on. A record that is missing or
+    not maskwatch's (or from before maskwatch 0.2) gives none: evaluation then has nothing to warn by, and a
+    training that starts from that detector must not fail after its epochs for it."""
     import json
 
-    if config.initial_model is None:
-        return set()
-    record_file = Path(config.initial_model).parent / TRAIN_RECORD
     try:
-        record = json.loads(record_file.read_text())
+        record = json.loads((Path(model_file).parent / TRAIN_RECORD).read_text())
     except (OSError, ValueError):
         return set()
     photos = record.get("trained_on_photos") if isinstance(record, dict) else None
     return {str(photo) for photo in photos} if isinstance(photos, list) else set()
+
+
+def initial_model_photos(config: DetectorTrainConfig) -> set[str]:
+    """The photos the starting model was trained on, so that evaluation still warns when a test photo shaped
+    the weights through it."""
+    return recorded_training_photos(config.initial_model) if config.initial_model is not None else set()
 
 
 def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path: Path,
@@ -603,11 +601,10 @@ def train_face_detector(train: DetectionPhotos, val: DetectionPhotos, model_path
     keras.utils.set_random_seed(config.seed)
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    if config.initial_model is not None:
-        model = build_face_detector(weights=None, backbone_batchnorm=config.backbone_batchnorm)
-        load_initial_weights(model, config.initial_model)
-    else:
-        model = build_face_detector(weights=weights, backbone_batchnorm=config.backbone_batchnorm)
+    starting = config.initial_model  # its weights replace ImageNet's, so those are not fetched
+    model = build_face_detector(weights=None if starting else weights, backbone_batchnorm=config.backbone_batchnorm)
+    if starting is not None:
+        load_initial_weights(model, starting)
 
     def loss(y_true, y_pred):
         return detection_loss(y_true, y_pred, config.class_weights)
